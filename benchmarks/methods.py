@@ -1,0 +1,99 @@
+"""Every KD method, aggregator and temperature schedule on the same teachers and student, side by side.
+
+1. Runs the base config once (teachers, the student alone, and plain KD).
+2. Re-runs only the distillation stage for each recipe below, with the base run's teachers loaded from their
+   checkpoints (so every recipe sees identical teachers), and the student alone skipped.
+3. Prints the table from the MLflow records: test accuracy (weights selected on validation), validation accuracy
+   and wall time of each recipe, next to plain KD and the student alone. Last line: ``best_recipe=<name>``.
+
+    python benchmarks/methods.py [--config conf/default.yaml] [--seed 0] [--only kd dkd ...] [--quick]
+
+Recipes that need convolutional feature maps in the student (``at``, ``hierarchical``) are skipped for an MLP
+student, with the reason printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from components.tracking import child_runs, default_tracking_uri
+from hpmkd.config import load_config
+from pipelines.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: recipe name -> config overrides (each replaces the whole distill.methods / aggregator / temperature entry)
+RECIPES: dict[str, list[str]] = {
+    "dkd": ["distill.ce_weight=1.0", "distill.methods={dkd: {weight: 1.0, warmup: 1}}"],
+    "fitnet": ["distill.ce_weight=1.0", "distill.methods={fitnet: {weight: 100}}"],
+    "at": ["distill.ce_weight=1.0", "distill.methods={at: {weight: 1000}}"],
+    "rkd": ["distill.ce_weight=1.0", "distill.methods={rkd: {weight: 1.0}}"],
+    "pkt": ["distill.ce_weight=1.0", "distill.methods={pkt: {weight: 30000}}"],
+    "crd": ["distill.ce_weight=1.0", "distill.methods={crd: {weight: 0.8}}"],
+    "hierarchical": ["distill.ce_weight=1.0", "distill.methods={kd: {weight: 0.9}, hierarchical: {weight: 1.0}}"],
+    "kd+mean_probs": ["distill.aggregator={name: mean_probs}"],
+    "kd+mean_loss (AVER)": ["distill.aggregator={name: mean_loss}"],
+    "kd+entropy (EBKD)": ["distill.aggregator={name: entropy}"],
+    "kd+confidence (CA-MKD)": ["distill.aggregator={name: confidence}"],
+    "kd+variance (HumP-KD)": ["distill.aggregator={name: variance}"],
+    "kd+attention (HPM-KD)": ["distill.aggregator={name: attention}"],
+    "kd+cosine T": ["distill.temperature={schedule: cosine, T_min: 2, T_max: 6}"],
+    "kd+meta T": ["distill.temperature={schedule: meta, T: 4, T_min: 2, T_max: 6}"],
+}
+NEEDS_MAPS = {"at", "hierarchical"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "conf" / "default.yaml"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run only these recipes")
+    ap.add_argument("--quick", action="store_true", help="the smoke config (tiny subset), for a check in minutes")
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    config = str(ROOT / "conf" / "smoke.yaml") if args.quick else args.config
+    uri = args.tracking_uri or default_tracking_uri()
+    base_overrides = [*args.overrides, f"seed={args.seed}"]
+    base_cfg = load_config(config, [*base_overrides, "distill.baseline=true"])
+    base = run_experiment(base_cfg, tracking_uri=uri)
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(base["parent_run_id"]).info.experiment_id
+    runs = child_runs(client, experiment_id, base["parent_run_id"])
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="hpmkd-teachers-"))
+    teacher_overrides = []
+    for i, teacher in enumerate(base_cfg.teachers):
+        path = client.download_artifacts(runs[f"teacher_{teacher.name}"].info.run_id, "checkpoint/model.pt", str(ckpt_dir / teacher.name))
+        teacher_overrides.append(f"teachers.{i}.checkpoint={path}")
+
+    student_is_mlp = base_cfg.student.model == "mlp"
+    results = {"student alone": runs["student_alone"], "kd (mean_logits, T=4)": runs["distill"]}
+    skipped = {}
+    for name in args.only or RECIPES:
+        if student_is_mlp and name in NEEDS_MAPS:
+            skipped[name] = "needs convolutional feature maps in the student; the student is an MLP"
+            continue
+        cfg = load_config(config, [*base_overrides, *teacher_overrides, *RECIPES[name], "distill.baseline=false",
+                                   "mlflow.log_models=false"])
+        summary = run_experiment(cfg, tracking_uri=uri)
+        client.set_tag(summary["parent_run_id"], "recipe", name)
+        results[name] = child_runs(client, experiment_id, summary["parent_run_id"])["distill"]
+
+    print(f"{'recipe':<26}{'test_acc':>9}{'val_acc':>9}{'wall_s':>8}  run")
+    for name, run in results.items():
+        m = run.data.metrics
+        wall = (run.info.end_time - run.info.start_time) / 1000
+        print(f"{name:<26}{m['test_acc'] * 100:>9.2f}{m['selected_val_acc'] * 100:>9.2f}{wall:>8.0f}  {run.info.run_id}")
+    for name, why in skipped.items():
+        print(f"{name:<26}{'n/a':>9}{'n/a':>9}{'':>8}  {why}")
+    best = max((n for n in results if n != "student alone"), key=lambda n: results[n].data.metrics["selected_val_acc"])
+    print(f"best_recipe={best}")
+
+
+if __name__ == "__main__":
+    main()

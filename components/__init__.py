@@ -1,0 +1,1 @@
+"""Ray- and MLflow-facing building blocks: teacher service, stage runner, scheduler, tracking."""

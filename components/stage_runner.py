@@ -1,0 +1,144 @@
+"""Run one training stage on Ray Train: ``TorchTrainer`` workers execute :func:`hpmkd.training.train_stage`.
+
+The worker function follows Ray's ``train_func(config)`` pattern and works the same with one CPU worker or many GPU
+workers (``ray.num_workers``, ``ray.use_gpu``). Every epoch, rank 0 writes a full checkpoint (model, optimiser,
+scheduler, epoch, RNG, best weights, history) through ``ray.train.report``; a failed worker group is restarted from
+it (``FailureConfig(max_failures)``), and a rerun with the same Train run name resumes from it. Rank 0 also logs the
+epoch's metrics to the stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from mlflow import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from components.teacher_service import ActorTeachers
+from components.tracking import log_metrics
+from hpmkd import checkpoint
+from hpmkd.config import RayConfig
+from hpmkd.training import StageEnv, StageSpec, train_stage
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker entry point: one rank of one stage."""
+    spec: StageSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    resume = None
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as folder:
+            resume = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
+    client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+
+    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if client is not None:
+            log_metrics(client, config["run_id"], metrics, step=int(metrics["epoch"]))
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if state is not None:
+                checkpoint.save_atomic(state, Path(folder) / checkpoint.STATE_FILE)
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)
+
+    def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            torch.distributed.all_reduce(t)
+            t = t / world
+        return t
+
+    teachers = ActorTeachers(config["teacher_names"], config["teacher_actors"]) if config["teacher_actors"] else None
+    env = StageEnv(
+        rank=rank,
+        world_size=world,
+        device=ray.train.torch.get_device(),
+        # Some parameters get no gradient on some steps (a meta-learned temperature, attention with one teacher, DKD
+        # before warm-up), so DDP must look for unused parameters.
+        wrap=lambda module: ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True}),
+        resume_state=resume,
+        report=report,
+        teachers=teachers,
+        all_reduce_mean=all_reduce_mean,
+    )
+    return train_stage(spec, env)
+
+
+@dataclass
+class TrainedStage:
+    """What a training stage leaves behind: its metrics and where its files are."""
+
+    metrics: dict[str, Any]
+    state_path: Path
+    model_path: Path
+
+
+def run_training_stage(
+    spec: StageSpec,
+    *,
+    train_run_name: str,
+    storage_path: str,
+    out_dir: Path,
+    ray_cfg: RayConfig,
+    tracking_uri: str,
+    run_id: str | None,
+    teacher_actors: list[Any] = (),
+) -> TrainedStage:
+    """Fit ``spec`` with a ``TorchTrainer``; a rerun with the same ``train_run_name`` resumes from its checkpoint."""
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "spec": spec,
+            "threads": max(1, int(ray_cfg.cpus_per_worker)),
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "teacher_names": spec.teacher_names,
+            "teacher_actors": list(teacher_actors),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=ray_cfg.num_workers,
+            use_gpu=ray_cfg.use_gpu,
+            resources_per_worker={"CPU": ray_cfg.cpus_per_worker, **({"GPU": 1} if ray_cfg.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=train_run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps the worker's exception; surface its own message first
+        raise StageFailedError(f"stage {spec.name!r} failed: {root_message(err)}") from err
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / checkpoint.STATE_FILE
+    with result.checkpoint.as_directory() as folder:
+        state = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
+    checkpoint.save_atomic(state, state_path)
+    model_path = out_dir / checkpoint.MODEL_FILE
+    checkpoint.save_atomic(state["best"]["model"], model_path)
+    return TrainedStage(result.return_value, state_path, model_path)
+
+
+class StageFailedError(RuntimeError):
+    """A stage's training failed; the message starts with the worker's own error."""
+
+
+def root_message(err: BaseException) -> str:
+    """The innermost error's ``Type: message`` line from a Ray-wrapped exception."""
+    seen = err
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen)
+    for line in reversed(text.splitlines()):
+        if "Error:" in line or "Exception:" in line:
+            return line.strip()
+    return f"{type(seen).__name__}: {text.strip().splitlines()[-1] if text.strip() else ''}"

@@ -1,0 +1,153 @@
+"""MLflow recording: one parent run per experiment run, one nested run per stage (the shared optimisation memory).
+
+The default store is a SQLite file plus an artifacts folder in the working folder (MLflow 3 no longer writes the
+file store). Stage runs are created with :class:`mlflow.MlflowClient` and explicit run ids, so several stages can be
+recorded at once from driver threads and per-epoch metrics can be logged from inside Ray Train workers. A stage
+that raises is marked ``FAILED`` with its error as a tag and an ``error.txt`` artifact; finished stages stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from hpmkd.config_schema import flatten
+
+MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
+MAX_BATCH = 100
+
+
+def default_tracking_uri(folder: str | os.PathLike = ".") -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI in ``folder`` (absolute: Ray workers change CWD)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """For a local SQLite store, keep artifacts beside the database (``mlartifacts/``); servers choose their own."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log a dict of metrics at ``step`` in batches (works from any process that can reach the store)."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), MAX_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + MAX_BATCH], synchronous=True)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+    for i in range(0, len(items), MAX_BATCH):
+        client.log_batch(run_id, params=items[i : i + MAX_BATCH], synchronous=True)
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """The stage runs nested under ``parent_run_id``, by their ``stage`` tag."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+@dataclass
+class Tracker:
+    """The MLflow side of one experiment run."""
+
+    tracking_uri: str
+    experiment: str
+    artifact_root: str | None = None
+
+    def __post_init__(self) -> None:
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            root = self.artifact_root or default_artifact_root(self.tracking_uri)
+            self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=root)
+        else:
+            self.experiment_id = found.experiment_id
+
+    def start_run(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def fail(self, run_id: str, error: BaseException) -> None:
+        """Mark ``run_id`` failed, with the error message as a tag and the traceback as ``error.txt``."""
+        text = "".join(traceback.format_exception(error))
+        self.client.set_tag(run_id, "error", str(error)[:5000])
+        self.log_text(run_id, text, "error.txt")
+        self.finish(run_id, "FAILED")
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, or FAILED if the body raises (the error gets a ``run_id`` attribute and is
+        re-raised), or KILLED on Ctrl-C."""
+        run_id = self.start_run(name, tags, parent_run_id)
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.finish(run_id, "KILLED")
+            raise
+        except BaseException as err:
+            self.fail(run_id, err)
+            err.run_id = run_id  # type: ignore[attr-defined]
+            raise
+        self.finish(run_id)
+
+    def child_runs(self, parent_run_id: str) -> dict[str, Any]:
+        """The stage runs nested under ``parent_run_id``, by stage name."""
+        return child_runs(self.client, self.experiment_id, parent_run_id)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        log_params(self.client, run_id, params)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        log_metrics(self.client, run_id, metrics, step)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
+        self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def download(self, run_id: str, path: str, dst: str | os.PathLike) -> str:
+        return self.client.download_artifacts(run_id, path, str(dst))
+
+    def log_model(self, run_id: str, model: Any, input_example: Any) -> None:
+        """Log ``model`` as an MLflow PyTorch model named ``model`` (torch.export format; loads as a GraphModule).
+
+        ``pip_requirements`` is given so MLflow does not spend seconds inferring them.
+        """
+        import mlflow.pytorch
+        import torch
+
+        with mlflow.start_run(run_id=run_id, nested=True):
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )

@@ -1,0 +1,91 @@
+"""The data contract: the :class:`Split` / :class:`DataSplits` every stage reads, and what a data-set module returns.
+
+A data-set module registers a factory in :data:`DATASETS`. The factory reads the *raw* source arrays (for instance the
+uint8 Fashion-MNIST pixels) and returns a :class:`RawData`; :func:`hpmkd.data.loading.load_dataset` turns that into
+seeded train/val/test splits of normalised float32 tensors with a content fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import Tensor
+
+from hpmkd.registry import Registry
+
+#: Data-set name -> factory ``(root: str | None, download: bool) -> RawData`` (a factory may take fewer of these).
+DATASETS: Registry["RawData"] = Registry("dataset")
+
+#: Environment variable naming a folder that holds data sets (searched after ``data.root``).
+DATA_ENV = "HPMKD_DATA"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a data set are not where hpmkd looked; the message lists the folders searched and the fixes."""
+
+
+@dataclass
+class Split:
+    """One split: ``x`` float32, already normalised (``[N, C, H, W]`` images, ``[N, D]`` tabular); ``y`` int64."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class DataSplits:
+    """A data set split for one experiment.
+
+    ``fingerprint`` is a sha256 prefix over the raw source arrays, the split indices and the preprocessing
+    parameters (see :mod:`hpmkd.data.fingerprint`); ``source`` says where the raw data was read from.
+    """
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    fingerprint: str
+    source: str
+
+
+@dataclass
+class RawData:
+    """The raw source arrays of a data set, as read from disk, and how to turn them into model inputs.
+
+    ``to_model`` maps a slice of ``train_x`` / ``test_x`` to float32 in model layout (``[N, C, H, W]`` or ``[N, D]``)
+    before normalisation, e.g. ``uint8 / 255`` reshaped. ``mean`` / ``std`` are per-channel (axis 1) constants; when
+    they are ``None`` they are computed on the training split. ``test_x is None`` means the data set has no official
+    test split and ``test_fraction`` of it is held out, stratified and fixed by the seed. ``preprocessing`` is a short
+    text describing ``to_model`` that enters the fingerprint.
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray | None
+    test_y: np.ndarray | None
+    class_names: list[str]
+    source: str
+    to_model: Callable[[np.ndarray], np.ndarray]
+    preprocessing: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    test_fraction: float = 0.2
+
+
+def search_dirs(root: str | None, *subdirs: str, system: str | None = None) -> list[Path]:
+    """Folders to look in: ``root`` and ``root/<subdir>``, the same under ``$HPMKD_DATA``, then ``system``."""
+    bases = [b for b in (root, os.environ.get(DATA_ENV)) if b]
+    dirs = [Path(b).expanduser() / s for b in bases for s in ("", *subdirs)]
+    if system:
+        dirs.append(Path(system))
+    return list(dict.fromkeys(dirs))

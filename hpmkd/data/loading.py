@@ -1,0 +1,115 @@
+"""``load_dataset``: raw arrays -> seeded splits -> normalised float32 tensors -> fingerprint.
+
+Normalisation is per channel (axis 1: image channels, or tabular features): ``x' = (x − μ_c) / σ_c`` with the data
+set's published constants when it has them (Fashion-MNIST, CIFAR), otherwise ``μ_c``, ``σ_c`` (population std)
+computed on the final training split only (our choice for data sets without published constants; a zero ``σ_c``
+is replaced by 1). Nothing is cached on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hpmkd.data.base import DATASETS, DataSplits, RawData, Split
+from hpmkd.data.fingerprint import fingerprint
+from hpmkd.data.splits import SplitIndices, split_indices
+from hpmkd.registry import ConfigError, user_options
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    max_test: int | None = None,
+    download: bool = False,
+) -> DataSplits:
+    """Load data set ``name`` (see :data:`DATASETS`) split into train/val/test, fixed by ``seed``.
+
+    The validation split is a stratified ``val_fraction`` of the official training set; ``max_*`` keep stratified
+    subsets of each split (every class present when the limit is at least the number of classes). Data sets without
+    an official test split hold out a stratified test split first (20 %).
+    """
+    check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
+    factory = DATASETS.get(name, "data.name")
+    accepted = user_options(factory, ())
+    context = {"root": root, "download": download}
+    raw: RawData = factory(**{k: v for k, v in context.items() if accepted is None or k in accepted})
+    idx = split_indices(
+        raw.train_y,
+        raw.test_y,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=raw.test_fraction,
+        max_train=max_train,
+        max_val=max_val,
+        max_test=max_test,
+    )
+    test_x, test_y = (raw.train_x, raw.train_y) if raw.test_x is None else (raw.test_x, raw.test_y)
+    train_x = raw.to_model(raw.train_x[idx.train])
+    mean, std = statistics(raw, train_x)
+    train = make_split(train_x, raw.train_y[idx.train], mean, std)
+    val = make_split(raw.to_model(raw.train_x[idx.val]), raw.train_y[idx.val], mean, std)
+    test = make_split(raw.to_model(test_x[idx.test]), test_y[idx.test], mean, std)
+    params = {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": raw.test_fraction if raw.test_x is None else None,
+        "max_train": max_train,
+        "max_val": max_val,
+        "max_test": max_test,
+        "preprocessing": raw.preprocessing,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+    return DataSplits(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=len(raw.class_names),
+        input_shape=tuple(int(d) for d in train.x.shape[1:]),
+        class_names=list(raw.class_names),
+        fingerprint=fingerprint(name, source_and_indices(raw, idx), params),
+        source=raw.source,
+    )
+
+
+def check_arguments(val_fraction: float, **limits: int | None) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (exclusive), got {val_fraction}.")
+    for key, value in limits.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"data.{key}: must be a positive number of samples (or null for all), got {value}.")
+
+
+def statistics(raw: RawData, train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(μ, σ)``: the data set's constants, or the training split's (see module docstring)."""
+    if raw.mean is not None and raw.std is not None:
+        return np.asarray(raw.mean, dtype=np.float64), np.asarray(raw.std, dtype=np.float64)
+    axes = tuple(a for a in range(train_x.ndim) if a != 1)
+    mean = train_x.mean(axis=axes, dtype=np.float64)
+    std = train_x.std(axis=axes, dtype=np.float64)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def make_split(x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> Split:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    x = (x - mean.astype(np.float32).reshape(shape)) / std.astype(np.float32).reshape(shape)
+    return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)))
+
+
+def source_and_indices(raw: RawData, idx: SplitIndices) -> dict[str, np.ndarray | None]:
+    return {
+        "raw_train_x": raw.train_x,
+        "raw_train_y": raw.train_y,
+        "raw_test_x": raw.test_x,
+        "raw_test_y": raw.test_y,
+        "idx_train": idx.train,
+        "idx_val": idx.val,
+        "idx_test": idx.test,
+    }

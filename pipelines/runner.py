@@ -1,0 +1,92 @@
+"""Run one experiment end to end: validate, plan the stage graph, run it on Ray, record it in MLflow, summarise.
+
+Everything that can be checked without Ray is checked first (config, data present, teacher checkpoints fit their
+models), so bad input fails in seconds and records nothing half-done. The experiment gets one parent MLflow run;
+every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked FAILED, the
+stages that finished stay FINISHED, and the error is raised after the summary of what did finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.ray_runtime import ensure_ray
+from components.scheduler import run_graph
+from components.stages import ExperimentContext, execute
+from components.tracking import Tracker, default_tracking_uri
+from hpmkd import checkpoint
+from hpmkd.config import ExperimentConfig
+from hpmkd.data import load_dataset
+from hpmkd.models import create_model, load_state_checked
+from pipelines import PIPELINES
+from pipelines.summary import summarise
+
+log = logging.getLogger("hpmkd")
+
+
+class ExperimentFailedError(RuntimeError):
+    """A stage failed; ``summary`` holds what finished (those stages stay recorded as FINISHED)."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def preflight(cfg: ExperimentConfig):
+    """Checks that need data or files but not Ray: the data set loads, and given checkpoints fit their models."""
+    splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
+    for i, teacher in enumerate(cfg.teachers):
+        if teacher.checkpoint:
+            model = create_model(teacher.model, num_classes=splits.num_classes, in_channels=splits.input_shape[0],
+                                 input_shape=splits.input_shape, **teacher.options)
+            try:
+                load_state_checked(model, checkpoint.read_model_state(teacher.checkpoint))
+            except ValueError as err:
+                raise ValueError(f"teachers.{i}.checkpoint: {err}") from err
+    return splits
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    tracking_uri: str | None = None,
+    output: str | None = None,
+    ray_init: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` and return the results dict (also written as JSON to ``output`` when given)."""
+    began = time.perf_counter()
+    build_graph = PIPELINES.get(cfg.pipeline, "pipeline")
+    stages = build_graph(cfg)
+    splits = preflight(cfg)
+    tracking_uri = tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri()
+    tracker = Tracker(tracking_uri, cfg.experiment, cfg.mlflow.artifact_root)
+    out_root = Path(cfg.output_dir).resolve()
+    storage_path = cfg.ray.storage_path or str(out_root / "ray")
+    resources = ensure_ray(cfg.ray.address, cfg.ray.num_cpus, tracking_uri,
+                           **{"log_to_driver": cfg.ray.log_to_driver, **(ray_init or {})})
+    log.info("experiment %r, pipeline %s: %d stages; MLflow %s", cfg.experiment, cfg.pipeline, len(stages), tracking_uri)
+
+    with tracker.run(
+        f"{cfg.pipeline}-seed{cfg.seed}",
+        {"kind": "pipeline", "pipeline": cfg.pipeline, "data_fingerprint": splits.fingerprint, "seed": str(cfg.seed)},
+    ) as parent:
+        tracker.log_params(parent, cfg.as_dict())
+        tracker.log_text(parent, yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
+        ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_root / cfg.experiment / parent)
+        results, error = run_graph(stages, lambda s, inputs: execute(s, ctx, inputs), resources.get("CPU", 1.0), cfg.ray.parallel)
+        summary = summarise(cfg, stages, results, parent, tracking_uri, time.perf_counter() - began)
+        tracker.log_metrics(parent, {k: summary[k] for k in ("retention", "compression", "wall_s") if summary.get(k) is not None})
+        if summary["student"]:
+            tracker.log_metrics(parent, {"student_test_acc": summary["student"]["test_acc"]})
+        tracker.log_dict(parent, summary, "results.json")
+        if output:
+            Path(output).write_text(json.dumps(summary, indent=2))
+        if error is not None:
+            raise ExperimentFailedError(str(error), summary) from error
+    return summary

@@ -1,0 +1,82 @@
+"""The results of one experiment run: the JSON written by ``--output`` and the table printed at the end.
+
+Retention is the distilled student's test accuracy over the best teacher's; compression is the best teacher's
+parameter count over the student's (DESIGN.md: both on the same test set, parameter-count ratio).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from components.scheduler import Stage, StageResult
+from hpmkd.config import ExperimentConfig
+
+STUDENT_KINDS = ("distill",)
+
+
+def summarise(
+    cfg: ExperimentConfig,
+    stages: list[Stage],
+    results: dict[str, StageResult],
+    parent_run_id: str,
+    tracking_uri: str,
+    wall_s: float,
+) -> dict[str, Any]:
+    rows = [results[s.name] for s in stages if s.name in results]
+    teachers = []
+    for r in rows:
+        if r.kind in ("train_teacher", "load_teacher") and r.status == "FINISHED":
+            teachers.append({"name": r.outputs["teacher"], "model": r.outputs["model"], "params": r.outputs["params"],
+                             "test_acc": r.metrics["test_acc"]})
+    finals = [r for r in rows if r.kind in STUDENT_KINDS and r.status == "FINISHED"]
+    student = None
+    if finals:
+        last = finals[-1]
+        student = {"model": last.outputs["model"], "params": last.outputs["params"],
+                   "test_acc": last.metrics["test_acc"], "val_acc": last.metrics["val_acc"], "stage": last.name}
+    alone = next((r for r in rows if r.kind == "train_student" and r.status == "FINISHED"), None)
+    best = max(teachers, key=lambda t: t["test_acc"]) if teachers else None
+    return {
+        "experiment": cfg.experiment,
+        "pipeline": cfg.pipeline,
+        "seed": cfg.seed,
+        "parent_run_id": parent_run_id,
+        "tracking_uri": tracking_uri,
+        "wall_s": wall_s,
+        "stages": [
+            {"name": r.name, "kind": r.kind, "model": r.outputs.get("model"), "run_id": r.run_id, "status": r.status, "wall_s": r.wall_s,
+             "started_s": r.started_s, "wait_s": r.wait_s, "metrics": r.metrics, "error": r.error}
+            for r in rows
+        ],
+        "teachers": teachers,
+        "student": student,
+        "student_alone": None if alone is None else {"model": alone.outputs["model"], "params": alone.outputs["params"],
+                                                     "test_acc": alone.metrics["test_acc"], "val_acc": alone.metrics["val_acc"]},
+        "retention": student["test_acc"] / best["test_acc"] if student and best else None,
+        "compression": best["params"] / student["params"] if student and best else None,
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A plain-text table: each stage's model, parameters, accuracies, status and wall time; then the ratios."""
+    lines = [f"{'stage':<22}{'kind':<15}{'model':<16}{'params':>10}{'val_acc':>9}{'test_acc':>9}{'wall_s':>8}  status"]
+    for row in summary["stages"]:
+        m = row["metrics"]
+        params = m.get("params")
+        lines.append(
+            f"{row['name']:<22}{row['kind']:<15}{row['model'] or '-':<16}"
+            f"{(f'{int(params):,}' if params else '-'):>10}{fmt(m.get('val_acc')):>9}{fmt(m.get('test_acc')):>9}"
+            f"{row['wall_s']:>8.1f}  {row['status']}"
+        )
+    if summary.get("retention") is not None:
+        lines.append(f"retention (student / best teacher test acc): {summary['retention']:.3f}   "
+                     f"compression (best teacher / student params): {summary['compression']:.1f}x")
+    if summary.get("student") and summary.get("student_alone"):
+        gain = summary["student"]["test_acc"] - summary["student_alone"]["test_acc"]
+        lines.append(f"distilled student vs student alone: {gain * 100:+.2f} points test accuracy")
+    lines.append(f"total wall time: {summary['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

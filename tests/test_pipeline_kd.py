@@ -1,0 +1,125 @@
+"""End to end: the ``kd`` pipeline really trains on Fashion-MNIST with Ray and really lands runs in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from components.tracking import child_runs
+from hpmkd.config import load_config
+from pipelines.runner import ExperimentFailedError, run_experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "data.max_train=1200",
+    "data.max_val=300",
+    "data.max_test=600",
+    "train.epochs=2",
+    "distill.train={epochs: 3}",
+]
+
+
+def tiny_config(tmp_path, *extra: str):
+    return load_config(ROOT / "conf" / "smoke.yaml", [*TINY, f"output_dir={tmp_path / 'runs'}", *extra])
+
+
+@pytest.fixture(scope="module")
+def kd_run(ray_session, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("kd")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    output = tmp_path / "results.json"
+    summary = run_experiment(tiny_config(tmp_path), tracking_uri=uri, output=str(output))
+    return summary, uri, output
+
+
+def test_results_json_has_the_contracted_shape(kd_run):
+    summary, uri, output = kd_run
+    written = json.loads(output.read_text())
+    assert written["parent_run_id"] == summary["parent_run_id"]
+    for key in ("experiment", "pipeline", "parent_run_id", "tracking_uri", "wall_s", "stages", "teachers", "student",
+                "retention", "compression"):
+        assert key in written, key
+    assert {s["name"] for s in written["stages"]} == {"teacher_cnn", "teacher_mlp", "student_alone", "distill"}
+    for stage in written["stages"]:
+        assert set(stage) >= {"name", "kind", "run_id", "status", "wall_s", "metrics"}
+        assert stage["status"] == "FINISHED"
+    assert {t["name"] for t in written["teachers"]} == {"cnn", "mlp"}
+    assert set(written["student"]) >= {"model", "params", "test_acc", "val_acc"}
+    best = max(t["test_acc"] for t in written["teachers"])
+    assert written["retention"] == pytest.approx(written["student"]["test_acc"] / best)
+    best_params = max(written["teachers"], key=lambda t: t["test_acc"])["params"]
+    assert written["compression"] == pytest.approx(best_params / written["student"]["params"])
+
+
+def test_student_learns_well_above_chance(kd_run):
+    summary, _, _ = kd_run
+    assert summary["student"]["test_acc"] > 0.45  # 10 classes: chance is 0.10
+    assert all(t["test_acc"] > 0.45 for t in summary["teachers"])
+
+
+def test_mlflow_has_the_parent_and_nested_stage_runs(kd_run):
+    summary, uri, _ = kd_run
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["kind"] == "pipeline"
+    assert parent.data.params["student.model"] == "mlp"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "results.json"}
+    stages = child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    assert set(stages) == {"teacher_cnn", "teacher_mlp", "student_alone", "distill"}
+    fingerprint = parent.data.tags["data_fingerprint"]
+    for name, run in stages.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags["data_fingerprint"] == fingerprint
+        assert 0.0 <= run.data.metrics["test_acc"] <= 1.0
+        assert run.data.metrics["params"] > 0
+        epochs = 3 if name == "distill" else 2
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == epochs, name
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == epochs, name
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        assert {"checkpoint/model.pt", "checkpoint/state.pt"} <= files, name
+    distill = stages["distill"]
+    assert distill.data.params["distill.methods.kd.weight"] == "0.9"
+    assert distill.data.metrics["temperature"] == pytest.approx(4.0)
+    assert len(client.get_metric_history(distill.info.run_id, "loss.kd.kd")) == 3
+    assert distill.data.metrics["teacher_weight.cnn"] == pytest.approx(0.5)
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert {m.source_run_id for m in models} >= {r.info.run_id for r in stages.values()}
+
+
+def test_the_logged_student_model_loads_and_predicts(kd_run):
+    summary, uri, _ = kd_run
+    import numpy as np
+    import torch
+
+    mlflow.set_tracking_uri(uri)
+    distill_id = next(s["run_id"] for s in summary["stages"] if s["name"] == "distill")
+    client = MlflowClient(uri)
+    model_id = next(m.model_id for m in mlflow.search_logged_models(
+        experiment_ids=[client.get_run(distill_id).info.experiment_id], output_format="list")
+        if m.source_run_id == distill_id)
+    model = mlflow.pytorch.load_model(f"models:/{model_id}")
+    out = model(torch.from_numpy(np.zeros((2, 1, 28, 28), np.float32)))
+    assert tuple(out.shape) == (2, 10)
+
+
+def test_a_nan_loss_fails_its_stage_naming_the_epoch_and_keeps_the_others(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(tmp_path, "distill.train={lr: 1.0e+30, epochs: 2}", "distill.baseline=false", "ray.max_failures=0",
+                      "mlflow.log_models=false")
+    with pytest.raises(ExperimentFailedError) as info:
+        run_experiment(cfg, tracking_uri=uri)
+    assert "epoch 0" in str(info.value) and "distill" in str(info.value)
+    summary = info.value.summary
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FAILED"
+    stages = child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    assert stages["distill"].info.status == "FAILED"
+    assert "epoch 0" in stages["distill"].data.tags["error"]
+    assert stages["teacher_cnn"].info.status == "FINISHED"
+    assert stages["teacher_mlp"].info.status == "FINISHED"
