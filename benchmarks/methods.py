@@ -1,6 +1,6 @@
 """Every KD method, aggregator and temperature schedule on the same teachers and student, side by side.
 
-1. Runs the base config once (teachers, the student alone, and plain KD).
+1. Runs the base config once (teachers, the student alone, and plain KD), or takes them from ``--base-run``.
 2. Re-runs only the distillation stage for each recipe below, with the base run's teachers loaded from their
    checkpoints (so every recipe sees identical teachers), and the student alone skipped.
 3. Prints the table from the MLflow records: test accuracy (weights selected on validation), validation accuracy
@@ -55,16 +55,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the smoke config (tiny subset), for a check in minutes")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--base-run", help="parent run id of a finished run of the same config (with the student alone) "
+                    "to take the teachers, student-alone and KD results from, instead of running it again")
     args = ap.parse_args()
     config = str(ROOT / "conf" / "smoke.yaml") if args.quick else args.config
     uri = args.tracking_uri or default_tracking_uri()
     base_overrides = [*args.overrides, f"seed={args.seed}"]
     base_cfg = load_config(config, [*base_overrides, "distill.baseline=true"])
-    base = run_experiment(base_cfg, tracking_uri=uri)
+    base_id = args.base_run or run_experiment(base_cfg, tracking_uri=uri)["parent_run_id"]
 
     client = MlflowClient(uri)
-    experiment_id = client.get_run(base["parent_run_id"]).info.experiment_id
-    runs = child_runs(client, experiment_id, base["parent_run_id"])
+    experiment_id = client.get_run(base_id).info.experiment_id
+    runs = child_runs(client, experiment_id, base_id)
     ckpt_dir = Path(tempfile.mkdtemp(prefix="hpmkd-teachers-"))
     teacher_overrides = []
     for i, teacher in enumerate(base_cfg.teachers):

@@ -40,6 +40,7 @@ class StageResult:
     started_s: float = 0.0
     wait_s: float = 0.0
     error: str | None = None
+    reused: bool = False
 
 
 def check_graph(stages: list[Stage]) -> None:

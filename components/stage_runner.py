@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from components.logit_cache import CachedTeachers
 from components.teacher_service import ActorTeachers
 from components.tracking import log_metrics
 from hpmkd import checkpoint
@@ -55,7 +56,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             t = t / world
         return t
 
-    teachers = ActorTeachers(config["teacher_names"], config["teacher_actors"]) if config["teacher_actors"] else None
+    teachers = None
+    if config["teacher_cache"]:
+        teachers = CachedTeachers(config["teacher_names"], config["teacher_cache"])
+    elif config["teacher_actors"]:
+        teachers = ActorTeachers(config["teacher_names"], config["teacher_actors"])
     env = StageEnv(
         rank=rank,
         world_size=world,
@@ -90,6 +95,7 @@ def run_training_stage(
     tracking_uri: str,
     run_id: str | None,
     teacher_actors: list[Any] = (),
+    teacher_cache: list[str] = (),
 ) -> TrainedStage:
     """Fit ``spec`` with a ``TorchTrainer``; a rerun with the same ``train_run_name`` resumes from its checkpoint."""
     trainer = TorchTrainer(
@@ -101,6 +107,7 @@ def run_training_stage(
             "run_id": run_id,
             "teacher_names": spec.teacher_names,
             "teacher_actors": list(teacher_actors),
+            "teacher_cache": list(teacher_cache),
         },
         scaling_config=ScalingConfig(
             num_workers=ray_cfg.num_workers,

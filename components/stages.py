@@ -23,6 +23,7 @@ import torch
 
 from components.scheduler import Stage, StageResult
 from components.stage_runner import run_training_stage
+from components.logit_cache import ensure_cached
 from components.teacher_service import TeacherSpec, start_teacher_actors
 from components.tracking import Tracker
 from hpmkd import checkpoint
@@ -30,11 +31,14 @@ from hpmkd.config import ExperimentConfig, ModelConfig, TrainConfig
 from hpmkd.config_schema import to_dict
 from hpmkd.data import DataSplits
 from hpmkd.models import count_params, load_state_checked
-from hpmkd.registry import Registry
-from hpmkd.training import StageSpec, evaluate
+from hpmkd.registry import ConfigError, Registry
+from hpmkd.training import StageSpec, evaluate, teacher_taps_needed
 from hpmkd.version import code_version
 
 log = logging.getLogger("hpmkd")
+
+#: per stage run, the metrics and outputs a later identical stage reuses (the shared optimisation memory)
+STAGE_RECORD = "stage.json"
 
 
 @dataclass
@@ -95,17 +99,36 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
     began = time.perf_counter()
     try:
         with ctx.tracker.run(stage.name, tags, ctx.parent_run_id) as run_id:
-            log.info("stage %s (%s) started, MLflow run %s", stage.name, stage.kind, run_id)
             ctx.tracker.log_params(run_id, settings)
-            outcome = fn(stage, ctx, inputs, StageRun(run_id, key))
-            outcome.outputs["key"] = key
+            previous = ctx.tracker.finished_stage(key) if ctx.cfg.reuse else None
+            if previous is not None:
+                log.info("stage %s (%s): reusing finished run %s (same key %s)", stage.name, stage.kind, previous, key)
+                outcome = reuse(ctx, stage, previous)
+                ctx.tracker.set_tags(run_id, {"reused": "true", "reused_from": previous})
+            else:
+                log.info("stage %s (%s) started, MLflow run %s", stage.name, stage.kind, run_id)
+                outcome = fn(stage, ctx, inputs, StageRun(run_id, key))
+                outcome.outputs["key"] = key
+                ctx.tracker.log_dict(run_id, {"metrics": outcome.metrics, "outputs": outcome.outputs}, STAGE_RECORD)
             ctx.tracker.log_metrics(run_id, final_metrics(outcome.metrics))
     except BaseException as err:
         log.error("stage %s FAILED after %.1f s: %s", stage.name, time.perf_counter() - began, err)
         raise
     log.info("stage %s finished in %.1f s: %s", stage.name, time.perf_counter() - began,
              ", ".join(f"{k}={outcome.metrics[k]:.4f}" for k in ("val_acc", "test_acc") if k in outcome.metrics))
-    return StageResult(stage.name, stage.kind, run_id, "FINISHED", time.perf_counter() - began, outcome.metrics, outcome.outputs)
+    return StageResult(stage.name, stage.kind, run_id, "FINISHED", time.perf_counter() - began, outcome.metrics,
+                       outcome.outputs, reused=previous is not None)
+
+
+def reuse(ctx: ExperimentContext, stage: Stage, run_id: str) -> StageOutcome:
+    """The outcome of the finished stage run ``run_id``: its recorded metrics and outputs, its weights fetched."""
+    folder = ctx.out_dir / stage.name
+    folder.mkdir(parents=True, exist_ok=True)
+    record = json.loads(Path(ctx.tracker.download(run_id, STAGE_RECORD, folder)).read_text())
+    outputs = record["outputs"]
+    if "model_path" in outputs:
+        outputs["model_path"] = ctx.tracker.download(run_id, f"checkpoint/{checkpoint.MODEL_FILE}", folder)
+    return StageOutcome(record["metrics"], outputs)
 
 
 def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -120,8 +143,9 @@ def stage_settings(stage: Stage, ctx: ExperimentContext) -> dict[str, Any]:
     common = {"seed": cfg.seed, "data": to_dict(cfg.data), **stage.params}
     if stage.kind in ("train_teacher", "load_teacher"):
         teacher = cfg.teachers[stage.params["teacher"]]
+        weights = checkpoint.file_digest(teacher.checkpoint) if teacher.checkpoint else None
         return {**common, "model": teacher.model, "options": teacher.options, "checkpoint": teacher.checkpoint,
-                "train": to_dict(cfg.teacher_train(stage.params["teacher"]))}
+                "checkpoint_sha256": weights, "train": to_dict(cfg.teacher_train(stage.params["teacher"]))}
     if stage.kind == "train_student":
         return {**common, "model": cfg.student.model, "options": cfg.student.options, "train": to_dict(cfg.student_train())}
     return {**common, "model": cfg.student.model, "options": cfg.student.options, "train": to_dict(cfg.distill_train()),
@@ -130,7 +154,12 @@ def stage_settings(stage: Stage, ctx: ExperimentContext) -> dict[str, Any]:
 
 
 def train_and_record(
-    stage: Stage, ctx: ExperimentContext, run: StageRun, spec: StageSpec, teacher_actors: list[Any] = ()
+    stage: Stage,
+    ctx: ExperimentContext,
+    run: StageRun,
+    spec: StageSpec,
+    teacher_actors: list[Any] = (),
+    teacher_cache: list[str] = (),
 ) -> StageOutcome:
     """Fit ``spec`` on Ray Train and record its files (checkpoint, weights, MLflow model) in the stage's run.
 
@@ -146,6 +175,7 @@ def train_and_record(
         tracking_uri=ctx.tracker.tracking_uri,
         run_id=run.run_id,
         teacher_actors=teacher_actors,
+        teacher_cache=teacher_cache,
     )
     record_model(ctx, run.run_id, spec.model, trained.model_path, trained.state_path)
     metrics = {k: float(v) for k, v in trained.metrics.items() if isinstance(v, (int, float))}
@@ -206,18 +236,50 @@ def load_teacher(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageRe
 
 @STAGE_KINDS.register("distill")
 def distill(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], run: StageRun) -> StageOutcome:
-    """Distil the student from the teachers named in ``stage.deps``, served by one Ray actor each."""
+    """Distil the student from the teachers named in ``stage.deps``, served by one Ray actor each.
+
+    With ``distill.teacher_outputs`` ``cache`` (or ``auto`` when exact: no random augmentation, logit methods only),
+    the actors first fill the logit cache (only missing entries) and are released; workers then read the cache.
+    """
     cfg = ctx.cfg
     teachers = [inputs[d] for d in stage.deps]
     by_name = {t.name: t for t in cfg.teachers}
     names = [t.outputs["teacher"] for t in teachers]
     models = [ModelConfig(by_name[n].model, by_name[n].options) for n in names]
     specs = [teacher_spec(n, m, ctx) for n, m in zip(names, models)]
-    actors = start_teacher_actors(specs, [t.outputs["model_path"] for t in teachers], cfg.ray.teacher_cpus, cfg.ray.teacher_gpus)
+    weights = [t.outputs["model_path"] for t in teachers]
+    spec = spec_for(stage, ctx, ModelConfig(cfg.student.model, cfg.student.options), cfg.distill_train(),
+                    distill=cfg.distill, teacher_names=names, teacher_models=models)
+    source = teacher_source(cfg, any(teacher_taps_needed(spec, ctx.splits)))
+    ctx.tracker.set_tags(run.run_id, {"teacher_outputs": source})
+    actors = start_teacher_actors(specs, weights, cfg.ray.teacher_cpus, cfg.ray.teacher_gpus)
     try:
-        spec = spec_for(stage, ctx, ModelConfig(cfg.student.model, cfg.student.options), cfg.distill_train(),
-                        distill=cfg.distill, teacher_names=names, teacher_models=models)
-        return train_and_record(stage, ctx, run, spec, actors)
+        cache: list[str] = []
+        if source == "cache":
+            uses = ensure_cached(actors, specs, weights, ctx.splits.train.x, root=str(cfg.cache_root()),
+                                 fingerprint=ctx.splits.fingerprint, dtype=cfg.distill.cache_dtype,
+                                 top_k=cfg.distill.cache_top_k)
+            ctx.tracker.log_params(run.run_id, {"cache": {u.teacher: u.digest for u in uses}})
+            ctx.tracker.log_metrics(run.run_id, {"cache_hits": float(sum(u.hit for u in uses))})
+            cache = [u.path for u in uses]
+            release(actors)
+            actors = []
+        return train_and_record(stage, ctx, run, spec, actors, cache)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        release(actors)
+
+
+def teacher_source(cfg: ExperimentConfig, needs_features: bool) -> str:
+    """``cache`` or ``online`` for ``distill.teacher_outputs`` (see :class:`hpmkd.config.DistillConfig`)."""
+    choice = cfg.distill.teacher_outputs
+    if choice == "cache" and needs_features:
+        raise ConfigError("distill.teacher_outputs: 'cache' holds logits only, but a method in distill.methods reads "
+                          "teacher features. Use teacher_outputs: online (or auto).")
+    if choice == "auto":
+        return "cache" if cfg.data.augment == "none" and not needs_features else "online"
+    return choice
+
+
+def release(actors: list[Any]) -> None:
+    for actor in actors:
+        ray.kill(actor)

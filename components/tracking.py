@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from hpmkd.config_schema import flatten
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 MAX_BATCH = 100
+EXPORT_LOCK = threading.Lock()
 
 
 def default_tracking_uri(folder: str | os.PathLike = ".") -> str:
@@ -110,6 +112,15 @@ class Tracker:
             raise
         self.finish(run_id)
 
+    def finished_stage(self, key: str) -> str | None:
+        """The newest FINISHED stage run with content key ``key`` that computed its outputs (was not itself reused)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.stage_key = '{key}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
+        return next((r.info.run_id for r in runs if r.data.tags.get("reused") != "true"), None)
+
     def child_runs(self, parent_run_id: str) -> dict[str, Any]:
         """The stage runs nested under ``parent_run_id``, by stage name."""
         return child_runs(self.client, self.experiment_id, parent_run_id)
@@ -139,12 +150,13 @@ class Tracker:
     def log_model(self, run_id: str, model: Any, input_example: Any) -> None:
         """Log ``model`` as an MLflow PyTorch model named ``model`` (torch.export format; loads as a GraphModule).
 
-        ``pip_requirements`` is given so MLflow does not spend seconds inferring them.
+        ``pip_requirements`` is given so MLflow does not spend seconds inferring them. ``torch.export`` is not
+        thread-safe, and stages finish in parallel driver threads, so exports run one at a time.
         """
         import mlflow.pytorch
         import torch
 
-        with mlflow.start_run(run_id=run_id, nested=True):
+        with EXPORT_LOCK, mlflow.start_run(run_id=run_id, nested=True):
             mlflow.pytorch.log_model(
                 model,
                 name="model",

@@ -6,6 +6,7 @@ best-so-far weights, per-epoch history), enough to resume. The selected model's 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,15 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (identifies a set of weights whatever its file name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load(path: str | os.PathLike) -> Any:

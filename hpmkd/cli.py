@@ -6,6 +6,7 @@
     hpmkd validate CONFIG [--set ...]
     hpmkd ui [--tracking-uri URI] [--port N] [--host 127.0.0.1]
     hpmkd models
+    hpmkd cache list|clear [--dir DIR] [--older-than 7d]
 
 Ray and MLflow are imported only by the commands that need them, so ``validate`` answers in about a second.
 """
@@ -18,6 +19,8 @@ import os
 import sys
 
 from hpmkd.registry import ConfigError
+
+DEFAULT_CACHE_DIR = "hpmkd_runs/logit_cache"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +44,15 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
 
     sub.add_parser("models", help="list the model names create_model knows")
+
+    cache = sub.add_parser("cache", help="list or clear the teacher logit cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("list", "list the cache entries"), ("clear", "delete cache entries")):
+        c = cache_sub.add_parser(name, help=text)
+        c.add_argument("--dir", default=DEFAULT_CACHE_DIR, help=f"cache folder (default {DEFAULT_CACHE_DIR}, "
+                       "the default of the config key cache_dir)")
+        if name == "clear":
+            c.add_argument("--older-than", metavar="AGE", help="only entries older than AGE: 30m, 12h, 7d (default: all)")
     return p
 
 
@@ -99,6 +111,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from hpmkd.logit_cache import clear, list_entries
+
+    if args.cache_command == "list":
+        entries = list(list_entries(args.dir))
+        for e in entries:
+            print(f"{e.key.digest}  {e.rows:>8} rows  {e.size_bytes / 2**20:8.2f} MiB  {e.key.dtype:<8} "
+                  f"top_k={e.key.top_k}  {e.key.model.split(':')[0]:<12} data={e.key.data} split={e.key.split} view={e.key.view}")
+        print(f"{len(entries)} entries, {sum(e.size_bytes for e in entries) / 2**20:.2f} MiB in {args.dir}")
+        return 0
+    removed = clear(args.dir, parse_age(args.older_than) if args.older_than else None)
+    print(f"removed {len(removed)} files from {args.dir}")
+    return 0
+
+
+def parse_age(text: str) -> float:
+    """``30m`` / ``12h`` / ``7d`` / ``90s`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].replace(".", "", 1).isdigit():
+        raise ValueError(f"--older-than {text!r}: expected a number and a unit, e.g. 30m, 12h or 7d.")
+    return float(text[:-1]) * units[text[-1]]
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from hpmkd.models import MODELS, list_models
 
@@ -112,7 +147,7 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "models": cmd_models}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "models": cmd_models, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,9 @@ class DistillConfig:
     ``methods`` maps a loss name (:data:`hpmkd.losses.LOSSES`) to its options; each must have a ``weight``.
     ``aggregator`` combines several teachers (:data:`hpmkd.ensemble.AGGREGATORS`); ``temperature`` chooses a schedule
     (:data:`hpmkd.temperature.SCHEDULES`). ``train`` overrides the top-level ``train`` section for this stage.
+    ``teacher_outputs``: ``online`` (teacher actors answer every batch), ``cache`` (logits computed once into the
+    Arrow cache, see :mod:`hpmkd.logit_cache`; exact only without random augmentation and for logit methods), or
+    ``auto`` (the cache whenever it is exact, online otherwise).
     """
 
     ce_weight: float = 0.1
@@ -139,6 +142,9 @@ class DistillConfig:
     meta_interval: int = 20
     train: dict[str, Any] = field(default_factory=dict)
     baseline: bool = True
+    teacher_outputs: Literal["auto", "online", "cache"] = "auto"
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    cache_top_k: int | None = None
 
     def check(self, path: str) -> None:
         if self.ce_weight < 0:
@@ -156,7 +162,7 @@ class DistillConfig:
             raise ConfigError(f"{join(path, 'aggregator')}: needs a name, e.g. aggregator: {{name: mean_logits}}.")
         if "schedule" not in self.temperature:
             raise ConfigError(f"{join(path, 'temperature')}: needs a schedule, e.g. temperature: {{schedule: fixed, T: 4}}.")
-        positive(path, meta_interval=self.meta_interval)
+        positive(path, meta_interval=self.meta_interval, cache_top_k=self.cache_top_k)
 
     def method_options(self) -> dict[str, tuple[float, dict[str, Any]]]:
         """``{loss name: (weight, options without weight)}``."""
@@ -205,7 +211,11 @@ class MlflowConfig:
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment (see ``conf/default.yaml`` for a commented example)."""
+    """A whole experiment (see ``conf/default.yaml`` for a commented example).
+
+    ``reuse``: a stage whose content key (settings, inputs, data fingerprint, code version) matches a finished stage
+    run in the MLflow store is not recomputed; its recorded outputs are reused.
+    """
 
     experiment: str
     pipeline: str
@@ -218,10 +228,17 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     output_dir: str = "hpmkd_runs"
+    cache_dir: str | None = None
+    reuse: bool = True
 
     def check(self, path: str) -> None:
         if not self.teachers:
             raise ConfigError("teachers: at least one teacher is needed.")
+        if self.distill.teacher_outputs == "cache" and self.data.augment != "none":
+            raise ConfigError(
+                f"distill.teacher_outputs: 'cache' serves logits of one fixed view, but data.augment is "
+                f"{self.data.augment!r} (a new random view every epoch). Use teacher_outputs: online (or auto)."
+            )
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ConfigError(f"teachers: names must be unique, got {names}.")
@@ -237,6 +254,10 @@ class ExperimentConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def cache_root(self) -> Path:
+        """Where logit-cache entries live (shared storage on a multi-node cluster)."""
+        return Path(self.cache_dir or Path(self.output_dir) / "logit_cache").expanduser().resolve()
 
 
 def merged_train(base: TrainConfig, overrides: dict[str, Any], path: str) -> TrainConfig:

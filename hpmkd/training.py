@@ -155,6 +155,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
+    resumed_at_epoch = start_epoch  # 0 when trained from scratch; > 0 after a restart resumed a checkpoint
 
     val_iter = val_batches(splits, cfg.batch_size, spec.seed)
     for epoch in range(start_epoch, cfg.epochs):
@@ -242,6 +243,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         "params": count_params(model),
         "data_fingerprint": splits.fingerprint,
         "epochs_run": len(history),
+        "resumed_at_epoch": resumed_at_epoch,
         "history": history,
     }
 
@@ -260,6 +262,12 @@ def make_objective(spec: StageSpec, model: nn.Module, splits: DataSplits) -> nn.
         student_taps=model_taps(model),
         teacher_taps=teacher_taps,
     )
+
+
+def teacher_taps_needed(spec: StageSpec, splits: DataSplits) -> list[list[str]]:
+    """Per teacher, the feature taps the stage's methods read (built on the meta device: no memory, no compute)."""
+    with torch.device("meta"):
+        return make_objective(spec, build_model(spec.model, splits), splits).teacher_tap_names()
 
 
 def request_teachers(env: StageEnv, objective: nn.Module, x: Tensor, index: Tensor) -> Callable[[], TeacherOutputs | None]:

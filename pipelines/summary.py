@@ -45,7 +45,7 @@ def summarise(
         "wall_s": wall_s,
         "stages": [
             {"name": r.name, "kind": r.kind, "model": r.outputs.get("model"), "run_id": r.run_id, "status": r.status, "wall_s": r.wall_s,
-             "started_s": r.started_s, "wait_s": r.wait_s, "metrics": r.metrics, "error": r.error}
+             "started_s": r.started_s, "wait_s": r.wait_s, "reused": r.reused, "metrics": r.metrics, "error": r.error}
             for r in rows
         ],
         "teachers": teachers,
@@ -66,7 +66,7 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"{row['name']:<22}{row['kind']:<15}{row['model'] or '-':<16}"
             f"{(f'{int(params):,}' if params else '-'):>10}{fmt(m.get('val_acc')):>9}{fmt(m.get('test_acc')):>9}"
-            f"{row['wall_s']:>8.1f}  {row['status']}"
+            f"{row['wall_s']:>8.1f}  {row['status']}{' (reused)' if row['reused'] else ''}"
         )
     if summary.get("retention") is not None:
         lines.append(f"retention (student / best teacher test acc): {summary['retention']:.3f}   "

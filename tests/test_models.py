@@ -345,3 +345,13 @@ def test_stage_taps_from_probe_events():
     ]
     # 16x16: "stem" and "features.0" both qualify; "stem" is less deeply nested
     assert stage_taps_from_events(events) == ("stem", "features.1", "mixed")
+
+
+def test_cnn_stem_stride_keeps_parameters_and_quarters_the_maps():
+    plain = create_model("cnn_small", num_classes=10, in_channels=1, input_shape=(1, 28, 28))
+    strided = create_model("cnn_small", num_classes=10, in_channels=1, input_shape=(1, 28, 28), stem_stride=2)
+    assert count_params(plain) == count_params(strided) == 103_466
+    x = torch.randn(2, 1, 28, 28)
+    with FeatureTaps(strided, ["stage1"]) as feats:
+        assert strided(x).shape == (2, 10)
+    assert feats["stage1"].shape[-2:] == (14, 14)

@@ -19,6 +19,7 @@ TINY = [
     "data.max_val=300",
     "data.max_test=600",
     "train.epochs=2",
+    "train.batch_size=32",
     "distill.train={epochs: 3}",
 ]
 
@@ -33,11 +34,11 @@ def kd_run(ray_session, tmp_path_factory):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     output = tmp_path / "results.json"
     summary = run_experiment(tiny_config(tmp_path), tracking_uri=uri, output=str(output))
-    return summary, uri, output
+    return summary, uri, output, tmp_path
 
 
 def test_results_json_has_the_contracted_shape(kd_run):
-    summary, uri, output = kd_run
+    summary, uri, output, _ = kd_run
     written = json.loads(output.read_text())
     assert written["parent_run_id"] == summary["parent_run_id"]
     for key in ("experiment", "pipeline", "parent_run_id", "tracking_uri", "wall_s", "stages", "teachers", "student",
@@ -56,18 +57,19 @@ def test_results_json_has_the_contracted_shape(kd_run):
 
 
 def test_student_learns_well_above_chance(kd_run):
-    summary, _, _ = kd_run
-    assert summary["student"]["test_acc"] > 0.45  # 10 classes: chance is 0.10
+    summary, _, _, _ = kd_run
+    # 10 classes: chance is 0.10; a tiny CNN after ~110 steps on 1,200 images is far above it
+    assert summary["student"]["test_acc"] > 0.35
     assert all(t["test_acc"] > 0.45 for t in summary["teachers"])
 
 
 def test_mlflow_has_the_parent_and_nested_stage_runs(kd_run):
-    summary, uri, _ = kd_run
+    summary, uri, _, root = kd_run
     client = MlflowClient(uri)
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["kind"] == "pipeline"
-    assert parent.data.params["student.model"] == "mlp"
+    assert parent.data.params["student.model"] == "cnn"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "results.json"}
     stages = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     assert set(stages) == {"teacher_cnn", "teacher_mlp", "student_alone", "distill"}
@@ -84,6 +86,10 @@ def test_mlflow_has_the_parent_and_nested_stage_runs(kd_run):
         assert {"checkpoint/model.pt", "checkpoint/state.pt"} <= files, name
     distill = stages["distill"]
     assert distill.data.params["distill.methods.kd.weight"] == "0.9"
+    # no augmentation and a logit method: the teachers' logits were computed once into the Arrow cache
+    assert distill.data.tags["teacher_outputs"] == "cache"
+    assert {"cache.cnn", "cache.mlp"} <= set(distill.data.params)
+    assert distill.data.metrics["cache_hits"] == 0
     assert distill.data.metrics["temperature"] == pytest.approx(4.0)
     assert len(client.get_metric_history(distill.info.run_id, "loss.kd.kd")) == 3
     assert distill.data.metrics["teacher_weight.cnn"] == pytest.approx(0.5)
@@ -92,7 +98,7 @@ def test_mlflow_has_the_parent_and_nested_stage_runs(kd_run):
 
 
 def test_the_logged_student_model_loads_and_predicts(kd_run):
-    summary, uri, _ = kd_run
+    summary, uri, _, root = kd_run
     import numpy as np
     import torch
 
@@ -123,3 +129,26 @@ def test_a_nan_loss_fails_its_stage_naming_the_epoch_and_keeps_the_others(ray_se
     assert "epoch 0" in stages["distill"].data.tags["error"]
     assert stages["teacher_cnn"].info.status == "FINISHED"
     assert stages["teacher_mlp"].info.status == "FINISHED"
+
+
+def test_a_second_identical_run_reuses_every_stage(kd_run):
+    summary, uri, _, root = kd_run
+    again = run_experiment(tiny_config(root), tracking_uri=uri)
+    assert all(s["reused"] for s in again["stages"]), again["stages"]
+    assert again["student"]["test_acc"] == summary["student"]["test_acc"]
+    client = MlflowClient(uri)
+    first = {s["name"]: s["run_id"] for s in summary["stages"]}
+    for stage in again["stages"]:
+        tags = client.get_run(stage["run_id"]).data.tags
+        assert tags["reused"] == "true" and tags["reused_from"] == first[stage["name"]]
+
+
+def test_changing_one_setting_recomputes_only_what_depends_on_it(kd_run):
+    summary, uri, _, root = kd_run
+    changed = run_experiment(tiny_config(root, "distill.temperature.T=2.0", "mlflow.log_models=false"),
+                             tracking_uri=uri)
+    reused = {s["name"]: s["reused"] for s in changed["stages"]}
+    assert reused == {"teacher_cnn": True, "teacher_mlp": True, "student_alone": True, "distill": False}
+    distill = MlflowClient(uri).get_run(next(s["run_id"] for s in changed["stages"] if s["name"] == "distill"))
+    assert distill.data.metrics["temperature"] == pytest.approx(2.0)
+    assert distill.data.metrics["cache_hits"] == 2  # same teachers, same data: the logit cache is reused too

@@ -1,0 +1,68 @@
+"""A Ray Train worker killed mid-stage is restarted and resumes from its last per-epoch checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from components.tracking import child_runs
+from hpmkd.config import load_config
+from pipelines.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def kill_worker_after_first_epoch(uri: str, stop: threading.Event) -> list[int]:
+    """Wait until a stage has logged epoch 0 to MLflow, then SIGKILL its Ray Train worker process (once)."""
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # this session's cluster, even if others run on the machine
+    killed: list[int] = []
+    client = MlflowClient(uri)
+    while not stop.is_set() and not killed:
+        time.sleep(0.5)
+        try:
+            experiment = client.get_experiment_by_name("recovery")
+            runs = client.search_runs([experiment.experiment_id], "metrics.epoch >= 0") if experiment else []
+        except Exception:  # the store may be created a moment later
+            continue
+        if not runs:
+            continue
+        for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True):
+            if actor.class_name == "RayTrainWorker" and actor.pid:
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.pid)
+                break
+    return killed
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", [
+        "experiment=recovery", "data.max_train=6000", "data.max_val=300", "data.max_test=300", "train.epochs=4",
+        "teachers=[{name: cnn, model: cnn_small, options: {stem_stride: 2}}]", "distill.baseline=false",
+        "ray.max_failures=2", "mlflow.log_models=false", f"output_dir={tmp_path / 'runs'}",
+    ])
+    stop = threading.Event()
+    killed: list[int] = []
+    watcher = threading.Thread(target=lambda: killed.extend(kill_worker_after_first_epoch(uri, stop)))
+    watcher.start()
+    try:
+        summary = run_experiment(cfg, tracking_uri=uri)
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the watcher never found a worker to kill"
+    teacher = next(s for s in summary["stages"] if s["name"] == "teacher_cnn")
+    assert teacher["status"] == "FINISHED"
+    client = MlflowClient(uri)
+    run = child_runs(client, client.get_experiment_by_name("recovery").experiment_id, summary["parent_run_id"])["teacher_cnn"]
+    assert run.data.metrics["resumed_at_epoch"] >= 1  # the new worker started from a saved epoch, not from scratch
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    assert sorted(set(epochs)) == [0, 1, 2, 3]
