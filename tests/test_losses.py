@@ -269,6 +269,17 @@ def test_fitnet_from_a_vector_hint_to_a_teacher_map_targets_the_pooled_map():
     np.testing.assert_allclose(loss(batch)["hint"].item(), ((r - ft.mean((2, 3))) ** 2).mean(), rtol=1e-4)
 
 
+def test_fitnet_from_a_student_map_to_a_teacher_vector_pools_the_map():
+    rng = np.random.default_rng(10)
+    fs, ft = rng.normal(size=(3, 4, 2, 2)), rng.normal(size=(3, 6))
+    loss = build("fitnet", student_layer=0, teacher_layer=0)
+    batch = make_batch(t(ZS), [ZT], student_features={"s1": t(fs)}, teacher_features=[{"t0": t(ft)}])
+    loss.setup(batch)
+    lin = loss.regressors[0][1]
+    r = fs.mean((2, 3)) @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
+    np.testing.assert_allclose(loss(batch)["hint"].item(), ((r - ft) ** 2).mean(), rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- AT
 def np_at(f):
     a = (f**2).mean(1).reshape(f.shape[0], -1)

@@ -152,3 +152,23 @@ def test_changing_one_setting_recomputes_only_what_depends_on_it(kd_run):
     distill = MlflowClient(uri).get_run(next(s["run_id"] for s in changed["stages"] if s["name"] == "distill"))
     assert distill.data.metrics["temperature"] == pytest.approx(2.0)
     assert distill.data.metrics["cache_hits"] == 2  # same teachers, same data: the logit cache is reused too
+
+
+@pytest.mark.parametrize("recipe,tag,terms", [
+    (["distill.ce_weight=1.0", "distill.methods={fitnet: {weight: 10}}"], "online", ["loss.fitnet.hint"]),
+    (["distill.ce_weight=1.0", "distill.methods={rkd: {weight: 1.0}}"], "online", ["loss.rkd.distance", "loss.rkd.angle"]),
+    (["distill.aggregator={name: attention}", "distill.temperature={schedule: meta, T: 4}", "distill.meta_interval=5"],
+     "cache", ["loss.kd.kd", "loss.aggregator.attn_entropy", "loss.aggregator.attn_label"]),
+], ids=["feature-fitnet", "relation-rkd", "multi-teacher-attention-meta-T"])
+def test_each_method_family_runs_end_to_end(kd_run, recipe, tag, terms):
+    summary, uri, _, root = kd_run
+    result = run_experiment(tiny_config(root, *recipe, "mlflow.log_models=false"), tracking_uri=uri)
+    stages = {s["name"]: s for s in result["stages"]}
+    assert stages["teacher_cnn"]["reused"] and not stages["distill"]["reused"]
+    run = MlflowClient(uri).get_run(stages["distill"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["teacher_outputs"] == tag
+    for term in terms:
+        assert len(MlflowClient(uri).get_metric_history(run.info.run_id, term)) == 3, term
+    assert result["student"]["test_acc"] > 0.3
+    weights = [run.data.metrics["teacher_weight.cnn"], run.data.metrics["teacher_weight.mlp"]]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-4)

@@ -25,6 +25,14 @@ def hint_target(teacher: Tensor, student: Tensor) -> Tensor:
     return target.mean((2, 3)) if student.dim() == 2 and target.dim() == 4 else target
 
 
+def hint_source(student: Tensor, teacher: Tensor) -> Tensor:
+    """The student's hint as the regressor's input: its map, or, when the teacher's guided feature is a vector
+    ``[B, D]`` (an MLP teacher), the map averaged over space ``[B, C]`` (our choice, so convolutional students can
+    take hints from MLP teachers)."""
+    source = hint_view(student)
+    return source.mean((2, 3)) if source.dim() == 4 and teacher.dim() == 2 else source
+
+
 @LOSSES.register("fitnet")
 class FitNet(DistillLoss):
     """``ℓ_{i,m} = mean_{c,h,w} (r_m(F_S,i) − F_T^m,i)²``, ``L = (1/B) Σ_i Σ_m w_{i,m} ℓ_{i,m}``.
@@ -56,20 +64,20 @@ class FitNet(DistillLoss):
     def teacher_tap_names(self) -> list[set[str]]:
         return [{name} for name in self.teacher_layers]
 
+    def pair(self, batch: DistillBatch, m: int, name: str) -> tuple[Tensor, Tensor]:
+        """(regressor input, target) for teacher ``m``: see :func:`hint_source` and :func:`hint_target`."""
+        f_s, f_t = student_feature(batch, self.student_layer), teacher_feature(batch, m, name)
+        source = hint_source(f_s, hint_view(f_t))
+        return source, hint_target(f_t, source)
+
     def setup(self, batch: DistillBatch) -> None:
-        f_s = hint_view(student_feature(batch, self.student_layer))
-        self.regressors = nn.ModuleList(
-            make_adapter(f_s.shape, hint_target(teacher_feature(batch, m, name), f_s).shape).to(f_s.device)
-            for m, name in enumerate(self.teacher_layers)
-        )
+        pairs = [self.pair(batch, m, name) for m, name in enumerate(self.teacher_layers)]
+        self.regressors = nn.ModuleList(make_adapter(s.shape, t.shape).to(s.device) for s, t in pairs)
 
     def forward(self, batch: DistillBatch) -> dict[str, Tensor]:
-        f_s = hint_view(student_feature(batch, self.student_layer))
-        per_teacher = torch.stack(
-            [
-                (reg(f_s) - hint_target(teacher_feature(batch, m, name), f_s)).pow(2).flatten(1).mean(1)
-                for m, (reg, name) in enumerate(zip(self.regressors, self.teacher_layers))
-            ],
-            dim=1,
-        )
+        per_teacher = []
+        for m, (reg, name) in enumerate(zip(self.regressors, self.teacher_layers)):
+            source, target = self.pair(batch, m, name)
+            per_teacher.append((reg(source) - target).pow(2).flatten(1).mean(1))
+        per_teacher = torch.stack(per_teacher, dim=1)
         return {"hint": combine_teachers(per_teacher, batch.teacher_weights)}
