@@ -41,14 +41,15 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        if client is not None:
-            log_metrics(client, config["run_id"], metrics, step=int(metrics["epoch"]))
+        # Persist the checkpoint first, then record the epoch: an epoch visible in MLflow is always resumable.
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if state is not None:
                 checkpoint.save_atomic(state, Path(folder) / checkpoint.STATE_FILE)
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
+        if client is not None:
+            log_metrics(client, config["run_id"], metrics, step=int(metrics["epoch"]))
 
     def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         if world > 1:

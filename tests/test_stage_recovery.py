@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def kill_worker_after_first_epoch(uri: str, stop: threading.Event) -> list[int]:
-    """Wait until a stage has logged epoch 0 to MLflow, then SIGKILL its Ray Train worker process (once)."""
+    """Wait until a stage has logged epoch 1 to MLflow (so epoch 0's checkpoint is registered), then SIGKILL its Ray
+    Train worker process (once)."""
     import ray
     from ray.util.state import list_actors
 
@@ -29,7 +30,7 @@ def kill_worker_after_first_epoch(uri: str, stop: threading.Event) -> list[int]:
         time.sleep(0.5)
         try:
             experiment = client.get_experiment_by_name("recovery")
-            runs = client.search_runs([experiment.experiment_id], "metrics.epoch >= 0") if experiment else []
+            runs = client.search_runs([experiment.experiment_id], "metrics.epoch >= 1") if experiment else []
         except Exception:  # the store may be created a moment later
             continue
         if not runs:
