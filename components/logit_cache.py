@@ -19,7 +19,8 @@ import torch
 from components.teacher_service import TeacherSpec
 from hpmkd.config_schema import to_dict
 from hpmkd.distill_batch import TeacherOutputs
-from hpmkd.logit_cache import CachedLogits, CacheKey, file_digest, lookup, write_entry
+from hpmkd.checkpoint import file_digest
+from hpmkd.logit_cache import CachedLogits, CacheKey, lookup, write_entry
 from hpmkd.teachers import Pending
 
 BATCH = 1024  # rows per actor call while filling: large enough that the RPC cost (~1-5 ms) is negligible

@@ -33,15 +33,6 @@ SUFFIX = ".arrow"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (the teacher's weights identify the teacher)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class CacheKey:
     """Everything that changes a teacher's logits on a split; :attr:`digest` names the file."""
