@@ -12,6 +12,8 @@ Presets (parameter counts for a 1×28×28 input and 10 classes): ``cnn_tiny`` 10
 
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor, nn
 
 from hpmkd.distill_batch import ModelTaps
@@ -96,20 +98,7 @@ def cnn(
 
 def cnn_preset(name: str, default_width: int, default_depth: int) -> None:
     """Register ``name`` as :func:`cnn` with its own ``width``/``depth`` defaults (still overridable)."""
-
-    def build(
-        num_classes: int,
-        in_channels: int,
-        width: int = default_width,
-        depth: int = default_depth,
-        stages: int = 3,
-        dropout: float = 0.0,
-        stem_stride: int = 1,
-    ) -> SimpleCNN:
-        return SimpleCNN(num_classes, in_channels, width=width, depth=depth, stages=stages, dropout=dropout,
-                         stem_stride=stem_stride)
-
-    build.__name__ = build.__qualname__ = name
+    build = functools.partial(cnn, width=default_width, depth=default_depth)
     build.__doc__ = f"``cnn`` with width={default_width}, depth={default_depth}."
     MODELS.register(name)(build)
 
