@@ -74,7 +74,8 @@ def main() -> None:
         teacher_overrides.append(f"teachers.{i}.checkpoint={path}")
 
     student_is_mlp = base_cfg.student.model == "mlp"
-    results = {"student alone": runs["student_alone"], "kd (mean_logits, T=4)": runs["distill"]}
+    kd_label = f"base recipe ({', '.join(base_cfg.distill.methods)}, {base_cfg.distill.aggregator_choice().name})"
+    results = {"student alone": runs["student_alone"], kd_label: runs["distill"]}
     skipped = {}
     for name in args.only or RECIPES:
         if student_is_mlp and name in NEEDS_MAPS:
