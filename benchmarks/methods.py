@@ -8,21 +8,22 @@
 
     python benchmarks/methods.py [--config conf/default.yaml] [--seed 0] [--only kd dkd ...] [--quick]
 
-Recipes that need convolutional feature maps in the student (``at``, ``hierarchical``) are skipped for an MLP
-student, with the reason printed.
+Recipes that need convolutional feature maps (``at``, ``hierarchical``) distil from the teachers that have them
+(the MLP teacher is left out, and the row says so), and are skipped for an MLP student. A recipe that fails is
+listed with its error; the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from components.tracking import child_runs, default_tracking_uri
 from hpmkd.config import load_config
-from pipelines.runner import run_experiment
+from pipelines.runner import ExperimentFailedError, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +46,8 @@ RECIPES: dict[str, list[str]] = {
     "kd+meta T": ["distill.temperature={schedule: meta, T: 4, T_min: 2, T_max: 6}"],
 }
 NEEDS_MAPS = {"at", "hierarchical"}
+#: model families without spatial feature maps: the map-based recipes use only the other teachers
+FLAT_MODELS = {"mlp"}
 
 
 def main() -> None:
@@ -67,25 +70,37 @@ def main() -> None:
     client = MlflowClient(uri)
     experiment_id = client.get_run(base_id).info.experiment_id
     runs = child_runs(client, experiment_id, base_id)
-    ckpt_dir = Path(tempfile.mkdtemp(prefix="hpmkd-teachers-"))
-    teacher_overrides = []
-    for i, teacher in enumerate(base_cfg.teachers):
-        path = client.download_artifacts(runs[f"teacher_{teacher.name}"].info.run_id, "checkpoint/model.pt", str(ckpt_dir / teacher.name))
-        teacher_overrides.append(f"teachers.{i}.checkpoint={path}")
+    ckpt_dir = Path(base_cfg.output_dir).resolve() / "methods_teachers" / base_id  # fixed: reruns reuse recipes
+    loaded = [
+        {"name": t.name, "model": t.model, "options": t.options, "train": t.train,
+         "checkpoint": client.download_artifacts(runs[f"teacher_{t.name}"].info.run_id, "checkpoint/model.pt",
+                                                 str(ckpt_dir / t.name))}
+        for t in base_cfg.teachers
+    ]
+    with_maps = [t for t in loaded if t["model"] not in FLAT_MODELS]
 
     student_is_mlp = base_cfg.student.model == "mlp"
     kd_label = f"base recipe ({', '.join(base_cfg.distill.methods)}, {base_cfg.distill.aggregator_choice().name})"
     results = {"student alone": runs["student_alone"], kd_label: runs["distill"]}
     skipped = {}
     for name in args.only or RECIPES:
-        if student_is_mlp and name in NEEDS_MAPS:
-            skipped[name] = "needs convolutional feature maps in the student; the student is an MLP"
+        teachers, label = loaded, name
+        if name in NEEDS_MAPS:
+            if student_is_mlp or not with_maps:
+                skipped[name] = "needs convolutional feature maps in the student and a teacher; there are none"
+                continue
+            teachers = with_maps
+            if len(with_maps) < len(loaded):
+                label = f"{name} (teachers: {', '.join(t['name'] for t in with_maps)})"
+        cfg = load_config(config, [*base_overrides, f"teachers={json.dumps(teachers)}", *RECIPES[name],
+                                   "distill.baseline=false", "mlflow.log_models=false"])
+        try:
+            summary = run_experiment(cfg, tracking_uri=uri)
+        except ExperimentFailedError as err:
+            skipped[label] = f"failed: {err}"
             continue
-        cfg = load_config(config, [*base_overrides, *teacher_overrides, *RECIPES[name], "distill.baseline=false",
-                                   "mlflow.log_models=false"])
-        summary = run_experiment(cfg, tracking_uri=uri)
-        client.set_tag(summary["parent_run_id"], "recipe", name)
-        results[name] = child_runs(client, experiment_id, summary["parent_run_id"])["distill"]
+        client.set_tag(summary["parent_run_id"], "recipe", label)
+        results[label] = child_runs(client, experiment_id, summary["parent_run_id"])["distill"]
 
     print(f"{'recipe':<26}{'test_acc':>9}{'val_acc':>9}{'wall_s':>8}  run")
     for name, run in results.items():

@@ -1,49 +1,81 @@
-"""Filling the logit cache with the teacher actors, and serving training workers from it.
+"""Filling the teacher-output cache with the teacher actors, and serving training workers from it.
 
-:func:`ensure_cached` looks every teacher's entry up and computes only the missing ones: the teacher actors run
-over the split in large batches, all teachers at once (each batch is put in the object store once and shared).
-:class:`CachedTeachers` is the :class:`hpmkd.teachers.TeacherSource` a worker uses when the view is cacheable: it
-memory-maps the entries (opened lazily, in the worker's own process) and answers each batch by row index.
+:func:`ensure_cached` looks every (view, teacher) entry up and computes only the missing ones. The split is cut into
+chunks of :data:`BATCH` rows; each chunk's view (the stored tensors, or one view of a view bank, see
+:mod:`hpmkd.data.views`) is rendered once, put in the object store once and sent to every teacher that misses it,
+each request to the teacher's next replica. At most :data:`IN_FLIGHT` requests per replica are outstanding, so
+memory stays bounded whatever the split's size; results go into preallocated arrays, and each entry is written
+(atomically) as soon as its last chunk is in.
+
+:class:`CachedTeachers` is the :class:`hpmkd.teachers.TeacherSource` a worker uses when the teachers' outputs are
+stored: it memory-maps the entries (opened lazily, in the worker's own process) and answers each batch by row index
+from the entries of the view it is told (``view`` = the epoch's view of a view bank; 0 for the plain cache).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from collections import deque
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 import ray
 import torch
 
-from components.teacher_service import TeacherSpec
-from hpmkd.config_schema import to_dict
-from hpmkd.distill_batch import TeacherOutputs
+from components.teacher_service import TeacherPool, TeacherSpec
 from hpmkd.checkpoint import file_digest
-from hpmkd.logit_cache import CachedLogits, CacheKey, lookup, write_entry
+from hpmkd.config_schema import to_dict
+from hpmkd.data.views import PLAIN, ViewBank
+from hpmkd.distill_batch import TeacherOutputs
+from hpmkd.logit_cache import DTYPES, CachedLogits, CacheKey, entry_path, lookup, write_entry
 from hpmkd.teachers import Pending
 
 BATCH = 1024  # rows per actor call while filling: large enough that the RPC cost (~1-5 ms) is negligible
+IN_FLIGHT = 2  # outstanding requests per replica while filling: one computing, one queued behind it
 
 
 @dataclass
 class CacheUse:
-    """Which entry a teacher's outputs come from, and whether it already existed."""
+    """Which entry a teacher's outputs on one view come from, and whether it already existed."""
 
     teacher: str
+    view: str
     path: str
     digest: str
     hit: bool
 
 
 def teacher_key(spec: TeacherSpec, weights_path: str, fingerprint: str, split: str, view: str, dtype: str,
-                top_k: int | None) -> CacheKey:
+                top_k: int | None, taps: Sequence[str] = ()) -> CacheKey:
     model = f"{spec.model.model}:{sorted(to_dict(spec.model.options).items())}:{spec.num_classes}:{spec.input_shape}"
-    return CacheKey(file_digest(weights_path), model, fingerprint, split, view, dtype, top_k)
+    return CacheKey(file_digest(weights_path), model, fingerprint, split, view, dtype, top_k, tuple(sorted(taps)))
+
+
+class EntryBuffer:
+    """One entry's outputs for all ``rows``, filled chunk by chunk (logits float32, features in the entry's dtype)."""
+
+    def __init__(self, rows: int, chunks: int, dtype: str):
+        self.rows = rows
+        self.missing = chunks
+        self.dtype = DTYPES[dtype][0]
+        self.logits: np.ndarray | None = None
+        self.features: dict[str, np.ndarray] = {}
+
+    def put(self, start: int, out: dict[str, Any]) -> bool:
+        """Store one chunk's outputs at row ``start``; True when every chunk is in."""
+        if self.logits is None:
+            self.logits = np.empty((self.rows, *out["logits"].shape[1:]), np.float32)
+            self.features = {t: np.empty((self.rows, *v.shape[1:]), self.dtype) for t, v in out["features"].items()}
+        stop = start + len(out["logits"])
+        self.logits[start:stop] = out["logits"]
+        for tap, value in out["features"].items():
+            self.features[tap][start:stop] = value
+        self.missing -= 1
+        return self.missing == 0
 
 
 def ensure_cached(
-    actors: list[Any],
+    pools: list[TeacherPool],
     specs: list[TeacherSpec],
     weights: list[str],
     x: torch.Tensor,
@@ -51,39 +83,66 @@ def ensure_cached(
     root: str,
     fingerprint: str,
     split: str = "train",
-    view: str = "plain",
+    views: ViewBank = PLAIN,
     dtype: str = "float16",
     top_k: int | None = None,
-) -> list[CacheUse]:
-    """Make sure every teacher has an entry for ``x`` (the split's rows, in order); compute the missing ones."""
-    keys = [teacher_key(s, w, fingerprint, split, view, dtype, top_k) for s, w in zip(specs, weights)]
-    missing = [i for i, k in enumerate(keys) if lookup(root, k) is None]
+    taps: Sequence[Sequence[str]] = (),
+) -> list[list[CacheUse]]:
+    """Make sure every teacher has an entry for every view of ``x`` (the split's rows, in order); compute the
+    missing ones. ``taps[i]``: the feature taps stored with teacher ``i``'s logits. Returns ``uses[view][teacher]``."""
+    taps = [tuple(sorted(t)) for t in taps] if taps else [() for _ in specs]
+    base = [teacher_key(s, w, fingerprint, split, "", dtype, top_k, taps[i]) for i, (s, w) in enumerate(zip(specs, weights))]
+    keys = [[replace(k, view=views.name(v)) for k in base] for v in range(views.views)]
+    missing = {(v, i) for v in range(views.views) for i in range(len(specs)) if lookup(root, keys[v][i]) is None}
     if missing:
-        parts: dict[int, list[Any]] = {i: [] for i in missing}
-        for start in range(0, len(x), BATCH):
-            ref = ray.put(x[start : start + BATCH].numpy())
-            for i in missing:
-                parts[i].append(actors[i].forward.remote(ref, []))
-        for i in missing:
-            logits = np.concatenate([out["logits"] for out in ray.get(parts[i])])
-            write_entry(root, keys[i], logits)
-    return [CacheUse(s.name, str(Path(root) / f"{k.digest}.arrow"), k.digest, i not in missing)
-            for i, (s, k) in enumerate(zip(specs, keys))]
+        fill(pools, x, views, sorted(missing), keys, root, dtype, taps)
+    return [[CacheUse(specs[i].name, views.name(v), str(entry_path(root, keys[v][i])), keys[v][i].digest,
+                      (v, i) not in missing) for i in range(len(specs))] for v in range(views.views)]
+
+
+def fill(pools: list[TeacherPool], x: torch.Tensor, views: ViewBank, todo: list[tuple[int, int]],
+         keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
+    """Compute the ``(view, teacher)`` entries ``todo`` (see the module docstring)."""
+    n = len(x)
+    starts = range(0, n, BATCH)
+    buffers = {job: EntryBuffer(n, len(starts), dtype) for job in todo}
+    window = IN_FLIGHT * sum(len(p.replicas) for p in pools)
+    pending: deque[tuple[tuple[int, int], int, ray.ObjectRef]] = deque()
+
+    def collect() -> None:
+        job, start, ref = pending.popleft()
+        if buffers[job].put(start, ray.get(ref)):
+            done = buffers.pop(job)
+            write_entry(root, keys[job[0]][job[1]], done.logits, done.features)
+
+    for view in sorted({v for v, _ in todo}):
+        teachers = [i for v, i in todo if v == view]
+        for start in starts:
+            index = torch.arange(start, min(n, start + BATCH))
+            chunk = ray.put(views.render(x[start : start + BATCH], index, view).numpy())  # shared by every teacher
+            for i in teachers:
+                pending.append(((view, i), start, pools[i].submit(chunk, taps[i])))
+            while len(pending) > window:
+                collect()
+    while pending:
+        collect()
 
 
 class CachedTeachers:
-    """A :class:`hpmkd.teachers.TeacherSource` reading memory-mapped cache entries by row index."""
+    """A :class:`hpmkd.teachers.TeacherSource` reading memory-mapped cache entries by row index.
 
-    def __init__(self, names: list[str], paths: list[str]):
+    ``paths[view][teacher]``: one list of entries per view (one view for the plain cache).
+    """
+
+    def __init__(self, names: list[str], paths: list[list[str]]):
         self.names = names
         self.paths = paths
-        self._entries: list[CachedLogits] | None = None
+        self._entries: dict[int, list[CachedLogits]] = {}
 
-    def request(self, x: torch.Tensor, index: torch.Tensor, taps: Sequence[Sequence[str]]) -> Pending:
-        if any(taps):
-            raise ValueError("the logit cache holds logits only; a method asking for teacher features needs "
-                             "distill.teacher_outputs: online")
-        if self._entries is None:
-            self._entries = [CachedLogits(p) for p in self.paths]
-        result = TeacherOutputs(torch.stack([e.rows(index) for e in self._entries]), [{} for _ in self._entries])
+    def request(self, x: torch.Tensor, index: torch.Tensor, taps: Sequence[Sequence[str]], view: int = 0) -> Pending:
+        if view not in self._entries:
+            self._entries[view] = [CachedLogits(p) for p in self.paths[view]]
+        entries = self._entries[view]
+        result = TeacherOutputs(torch.stack([e.rows(index) for e in entries]),
+                                [e.features(index, taps[i] if taps else ()) for i, e in enumerate(entries)])
         return lambda: result

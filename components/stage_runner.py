@@ -26,7 +26,18 @@ from components.teacher_service import ActorTeachers
 from components.tracking import log_metrics
 from hpmkd import checkpoint
 from hpmkd.config import RayConfig
+from hpmkd.teachers import TeacherSource
 from hpmkd.training import StageEnv, StageSpec, train_stage
+
+
+def worker_teachers(names: list[str], actors: list[Any], cache: list[list[str]], rank: int) -> TeacherSource | None:
+    """Where a training process gets its teachers' outputs: the cache entries when given, else the actors."""
+    if cache:
+        return CachedTeachers(names, cache)
+    if actors:
+        return ActorTeachers(names, actors, start=rank)
+    return None
+
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry point: one rank of one stage."""
@@ -57,11 +68,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             t = t / world
         return t
 
-    teachers = None
-    if config["teacher_cache"]:
-        teachers = CachedTeachers(config["teacher_names"], config["teacher_cache"])
-    elif config["teacher_actors"]:
-        teachers = ActorTeachers(config["teacher_names"], config["teacher_actors"])
+    teachers = worker_teachers(config["teacher_names"], config["teacher_actors"], config["teacher_cache"], rank)
     env = StageEnv(
         rank=rank,
         world_size=world,
@@ -96,9 +103,13 @@ def run_training_stage(
     tracking_uri: str,
     run_id: str | None,
     teacher_actors: list[Any] = (),
-    teacher_cache: list[str] = (),
+    teacher_cache: list[list[str]] = (),
 ) -> TrainedStage:
-    """Fit ``spec`` with a ``TorchTrainer``; a rerun with the same ``train_run_name`` resumes from its checkpoint."""
+    """Fit ``spec`` with a ``TorchTrainer``; a rerun with the same ``train_run_name`` resumes from its checkpoint.
+
+    Teachers come from ``teacher_actors`` (one :class:`TeacherPool` per teacher) or, when given, from the cache
+    entries ``teacher_cache[view][teacher]``.
+    """
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={

@@ -5,33 +5,39 @@ every kind the same way: open the nested run (tags, the stage's resolved setting
 metrics and files, close the run as FINISHED, or FAILED with the error while earlier stages stay as they are.
 
 Kinds: ``train_teacher`` and ``train_student`` (cross-entropy on Ray Train), ``load_teacher`` (a given checkpoint,
-evaluated), ``distill`` (teacher actors serve the student's Ray Train workers).
+evaluated), ``distill`` (teacher actors serve the student's Ray Train workers; each finished one is written to the
+optimisation memory, :mod:`components.memory`; also the links of a progressive chain and the stages of SMSKD, see
+:func:`distill`). ``tune`` (the configuration manager's search) is registered by :mod:`components.tune_stage`; the
+``overrides`` a stage outputs configure the stages that depend on it. ``chain_plan`` (a record of a chain's plan) is
+registered by :mod:`components.chain_plan`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import ray
 import torch
 
 from components.scheduler import Stage, StageResult
 from components.stage_runner import run_training_stage
-from components.logit_cache import ensure_cached
-from components.teacher_service import TeacherSpec, start_teacher_actors
+from components.memory import remember_stage
+from components.teacher_outputs import TeacherOutputPlan, prepare_teacher_outputs
+from components.teacher_service import TeacherSpec
 from components.tracking import Tracker
 from hpmkd import checkpoint
-from hpmkd.config import ExperimentConfig, ModelConfig, TrainConfig
-from hpmkd.config_schema import to_dict
+from hpmkd.chain import link_stopped, relative_gain
+from hpmkd.config import DistillConfig, ExperimentConfig, ModelConfig, TrainConfig, merged_train, with_overrides
+from hpmkd.config_schema import from_dict, to_dict
 from hpmkd.data import DataSplits
 from hpmkd.models import count_params, load_state_checked
-from hpmkd.registry import ConfigError, Registry
+from hpmkd.registry import Registry
 from hpmkd.training import StageSpec, evaluate, teacher_taps_needed
 from hpmkd.version import code_version
 
@@ -69,6 +75,12 @@ class StageRun:
 
 STAGE_KINDS: Registry[StageOutcome] = Registry("stage kind")
 
+#: stages whose model is a teacher: recorded as checkpoints only (``mlflow.log_models`` exports students, the
+#: product of a run, as MLflow models; a teacher export would cost seconds on the critical path for no user)
+TEACHER_KINDS = ("train_teacher", "load_teacher")
+#: stages that hand a configuration on (``outputs["overrides"]``) rather than a model
+CONFIG_KINDS = ("tune",)
+
 
 def stage_key(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], settings: dict[str, Any]) -> str:
     """Content key: hash of the stage's resolved settings, its inputs' keys, the data fingerprint and the code."""
@@ -85,6 +97,7 @@ def stage_key(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResul
 def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]) -> StageResult:
     """Run ``stage`` inside its own nested MLflow run (see module docstring)."""
     fn = STAGE_KINDS.get(stage.kind)
+    ctx = configured(ctx, inputs)
     settings = stage_settings(stage, ctx)
     key = stage_key(stage, ctx, inputs, settings)
     tags = {
@@ -120,14 +133,21 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
                        outcome.outputs, reused=previous is not None)
 
 
+def configured(ctx: ExperimentContext, inputs: dict[str, StageResult]) -> ExperimentContext:
+    """The context a stage runs in: the experiment's config with the ``overrides`` (config key path -> value) its
+    inputs hand on (a ``tune`` stage's best configuration), so its params, content key and training all use them."""
+    overrides = {k: v for r in inputs.values() for k, v in r.outputs.get("overrides", {}).items()}
+    return replace(ctx, cfg=with_overrides(ctx.cfg, overrides)) if overrides else ctx
+
+
 def reuse(ctx: ExperimentContext, stage: Stage, run_id: str) -> StageOutcome:
     """The outcome of the finished stage run ``run_id``: its recorded metrics and outputs, its weights fetched."""
     folder = ctx.out_dir / stage.name
     folder.mkdir(parents=True, exist_ok=True)
     record = json.loads(Path(ctx.tracker.download(run_id, STAGE_RECORD, folder)).read_text())
     outputs = record["outputs"]
-    if "model_path" in outputs:
-        outputs["model_path"] = ctx.tracker.download(run_id, f"checkpoint/{checkpoint.MODEL_FILE}", folder)
+    if "model_path" in outputs:  # logged under its own file name (model.pt, or a loaded teacher's checkpoint file)
+        outputs["model_path"] = ctx.tracker.download(run_id, f"checkpoint/{Path(outputs['model_path']).name}", folder)
     return StageOutcome(record["metrics"], outputs)
 
 
@@ -141,16 +161,37 @@ def stage_settings(stage: Stage, ctx: ExperimentContext) -> dict[str, Any]:
     """The resolved settings that define a stage (logged as params and hashed into its key)."""
     cfg = ctx.cfg
     common = {"seed": cfg.seed, "data": to_dict(cfg.data), **stage.params}
-    if stage.kind in ("train_teacher", "load_teacher"):
+    if stage.kind in TEACHER_KINDS:
         teacher = cfg.teachers[stage.params["teacher"]]
         weights = checkpoint.file_digest(teacher.checkpoint) if teacher.checkpoint else None
         return {**common, "model": teacher.model, "options": teacher.options, "checkpoint": teacher.checkpoint,
                 "checkpoint_sha256": weights, "train": to_dict(cfg.teacher_train(stage.params["teacher"]))}
     if stage.kind == "train_student":
         return {**common, "model": cfg.student.model, "options": cfg.student.options, "train": to_dict(cfg.student_train())}
-    return {**common, "model": cfg.student.model, "options": cfg.student.options, "train": to_dict(cfg.distill_train()),
-            "distill": {k: v for k, v in to_dict(cfg.distill).items() if k not in ("train", "baseline")},
-            "teachers": [t.name for t in cfg.teachers]}
+    if stage.kind == "chain_plan":  # a record: its params are the plan itself
+        return common
+    # a distillation: the student and the recipe (named by its key path, param ``recipe``) unless params say otherwise
+    params = dict(stage.params)
+    path = params.pop("recipe", "distill")
+    return {"seed": cfg.seed, "data": to_dict(cfg.data), "model": cfg.student.model, "options": cfg.student.options,
+            **recipe_settings(cfg, path), "teachers": [t.name for t in cfg.teachers], **params}
+
+
+def recipe_settings(cfg: ExperimentConfig, path: str) -> dict[str, Any]:
+    """The settings of the recipe at key path ``path`` (:meth:`ExperimentConfig.recipes`): its resolved training
+    (``train``) and the rest of it (``distill``)."""
+    recipe = cfg.recipes()[path]
+    return {"train": to_dict(merged_train(cfg.train, recipe.train, f"{path}.train")),
+            "distill": {k: v for k, v in to_dict(recipe).items() if k not in ("train", "baseline")}}
+
+
+def stage_config(stage: Stage, ctx: ExperimentContext) -> ExperimentConfig:
+    """The experiment's config as one distillation stage sees it: its student as ``student``, its recipe (with its
+    resolved training) as ``distill``."""
+    settings = stage_settings(stage, ctx)
+    student = replace(ctx.cfg.student, model=settings["model"], options=settings["options"])
+    recipe = from_dict(DistillConfig, {**settings["distill"], "train": settings["train"]}, "distill")
+    return replace(ctx.cfg, student=student, distill=recipe)
 
 
 def train_and_record(
@@ -159,7 +200,7 @@ def train_and_record(
     run: StageRun,
     spec: StageSpec,
     teacher_actors: list[Any] = (),
-    teacher_cache: list[str] = (),
+    teacher_cache: list[list[str]] = (),
 ) -> StageOutcome:
     """Fit ``spec`` on Ray Train and record its files (checkpoint, weights, MLflow model) in the stage's run.
 
@@ -177,17 +218,21 @@ def train_and_record(
         teacher_actors=teacher_actors,
         teacher_cache=teacher_cache,
     )
-    record_model(ctx, run.run_id, spec.model, trained.model_path, trained.state_path)
+    record_model(ctx, run.run_id, spec.model, trained.model_path, trained.state_path,
+                 as_mlflow_model=ctx.cfg.mlflow.log_models and stage.kind not in TEACHER_KINDS)
     metrics = {k: float(v) for k, v in trained.metrics.items() if isinstance(v, (int, float))}
+    texts = {k: v for k, v in trained.metrics.items() if isinstance(v, str)}  # data fingerprint, reference digest
     return StageOutcome(metrics, {"model_path": str(trained.model_path), "model": spec.model.model,
-                                  "params": int(trained.metrics["params"])})
+                                  "options": spec.model.options, "params": int(trained.metrics["params"]), **texts})
 
 
-def record_model(ctx: ExperimentContext, run_id: str, model_cfg: ModelConfig, model_path: Path, state_path: Path | None) -> None:
+def record_model(ctx: ExperimentContext, run_id: str, model_cfg: ModelConfig, model_path: Path, state_path: Path | None,
+                 as_mlflow_model: bool) -> None:
+    """Log the checkpoint files, and with ``as_mlflow_model`` the model itself as an MLflow model."""
     ctx.tracker.log_artifact(run_id, model_path, "checkpoint")
     if state_path is not None:
         ctx.tracker.log_artifact(run_id, state_path, "checkpoint")
-    if ctx.cfg.mlflow.log_models:
+    if as_mlflow_model:
         model = teacher_spec("model", model_cfg, ctx).build()
         load_state_checked(model, checkpoint.read_model_state(model_path))
         ctx.tracker.log_model(run_id, model.eval(), ctx.splits.test.x[:2].numpy())
@@ -231,55 +276,86 @@ def load_teacher(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageRe
     ctx.tracker.log_artifact(run.run_id, teacher.checkpoint, "checkpoint")
     return StageOutcome({"val_acc": val_acc, "test_acc": test_acc, "params": float(params)},
                         {"model_path": str(Path(teacher.checkpoint).resolve()), "model": teacher.model,
-                         "params": params, "teacher": teacher.name})
+                         "options": teacher.options, "params": params, "teacher": teacher.name})
 
 
 @STAGE_KINDS.register("distill")
 def distill(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], run: StageRun) -> StageOutcome:
-    """Distil the student from the teachers named in ``stage.deps``, served by one Ray actor each.
+    """Distil a student from teacher models served by Ray actors.
 
-    With ``distill.teacher_outputs`` ``cache`` (or ``auto`` when exact: no random augmentation, logit methods only),
-    the actors first fill the logit cache (only missing entries) and are released; workers then read the cache.
+    Stage params (all optional; the defaults are the config's ``student``, its ``distill`` section and every input):
+    ``teachers`` names the input stages whose models teach (trained or loaded teachers, or any earlier distillation
+    stage, e.g. a chain's assistant); ``model`` / ``options`` the student; ``recipe`` the key path of its recipe
+    (:meth:`hpmkd.config.ExperimentConfig.recipes`); ``init_from`` an input whose weights the student starts from;
+    ``reference`` an input whose model, frozen, feeds the ``reference`` loss (SMSKD); ``chain`` marks a link of a
+    progressive chain (below). The run's tags record which weights were used (sha256 of each file):
+    ``teacher_weights``, ``init_weights``, ``reference_weights``; ``reference_state_sha256`` is the digest of the
+    reference's state as training left it (:func:`hpmkd.models.state.state_digest`).
+
+    ``distill.teacher_outputs`` chooses the source (``components/teacher_outputs.py``): with ``cache`` or ``bank``
+    the actors first fill the missing cache entries and are released; workers then read the entries. The run
+    records the source (tag ``teacher_outputs``) and the entries used (params ``cache.<teacher>``, metrics
+    ``cache_hits`` / ``cache_entries``).
+
+    A chain link (param ``chain``: its ``index`` and, for links the ε rule can skip, ``epsilon``) records its
+    relative validation gain over its teacher (metric ``chain_gain``, :func:`hpmkd.chain.relative_gain`). When its
+    predecessor stopped the chain (:func:`hpmkd.chain.link_stopped`) it trains nothing: tagged ``chain_status:
+    skipped``, it hands its predecessor's model on (the weights are copied into its run).
     """
-    cfg = ctx.cfg
-    teachers = [inputs[d] for d in stage.deps]
-    by_name = {t.name: t for t in cfg.teachers}
-    names = [t.outputs["teacher"] for t in teachers]
-    models = [ModelConfig(by_name[n].model, by_name[n].options) for n in names]
+    names = stage.params.get("teachers") or [d for d in stage.deps if inputs[d].kind not in CONFIG_KINDS]
+    teachers = [inputs[d] for d in names]
+    chain = stage.params.get("chain")
+    if chain is not None and link_stopped(teachers[0].outputs, chain.get("epsilon")):
+        return pass_through(stage, ctx, run, teachers[0])
+    init, reference = (inputs[stage.params[k]] if k in stage.params else None for k in ("init_from", "reference"))
+    with distill_setup(stage, ctx, teachers, run, init, reference) as (spec, plan):
+        outcome = train_and_record(stage, ctx, run, spec, plan.pools, plan.cache)
+    remember_stage(ctx.tracker.client, run.run_id, stage_config(stage, ctx), ctx.splits, teachers, outcome.metrics)
+    if "reference_sha256" in outcome.outputs:
+        ctx.tracker.set_tags(run.run_id, {"reference_state_sha256": outcome.outputs["reference_sha256"]})
+    if chain is not None:
+        gain = relative_gain(outcome.metrics["val_acc"], max(t.metrics["val_acc"] for t in teachers))
+        outcome.metrics.update(chain_gain=gain, chain_skipped=0.0)
+        outcome.outputs.update(teacher=stage.name, chain_index=chain["index"], chain_gain=gain)
+        ctx.tracker.set_tags(run.run_id, {"chain_status": "trained"})
+    return outcome
+
+
+def pass_through(stage: Stage, ctx: ExperimentContext, run: StageRun, previous: StageResult) -> StageOutcome:
+    """A chain link after the chain stopped: no training; its output, and its metrics, are its predecessor's model's."""
+    log.info("stage %s: the chain stopped (epsilon rule), passing %s on", stage.name, previous.outputs["teacher"])
+    ctx.tracker.log_artifact(run.run_id, previous.outputs["model_path"], "checkpoint")
+    ctx.tracker.set_tags(run.run_id, {"chain_status": "skipped", "forwarded_from": previous.outputs["teacher"]})
+    metrics = {k: v for k, v in previous.metrics.items() if k != "chain_gain"}  # the model's, not a gain of this link
+    return StageOutcome({**metrics, "chain_skipped": 1.0}, {**previous.outputs, "chain_skipped": True})
+
+
+@contextlib.contextmanager
+def distill_setup(stage: Stage, ctx: ExperimentContext, teachers: list[StageResult], run: StageRun,
+                  init: StageResult | None = None,
+                  reference: StageResult | None = None) -> Iterator[tuple[StageSpec, TeacherOutputPlan]]:
+    """The distillation spec for ``teachers`` (finished stages with a model) and its teacher-output plan (actors
+    started, cache filled, source recorded on the run); the actors are released when the block ends. The student
+    and its recipe are the stage's (:func:`stage_config`); ``init`` / ``reference`` are finished stages whose weights
+    the student starts from / whose frozen model it is anchored to."""
+    cfg = stage_config(stage, ctx)
+    names = [t.outputs.get("teacher", t.name) for t in teachers]
+    models = [ModelConfig(t.outputs["model"], t.outputs["options"]) for t in teachers]
     specs = [teacher_spec(n, m, ctx) for n, m in zip(names, models)]
     weights = [t.outputs["model_path"] for t in teachers]
     spec = spec_for(stage, ctx, ModelConfig(cfg.student.model, cfg.student.options), cfg.distill_train(),
-                    distill=cfg.distill, teacher_names=names, teacher_models=models)
-    source = teacher_source(cfg, any(teacher_taps_needed(spec, ctx.splits)))
-    ctx.tracker.set_tags(run.run_id, {"teacher_outputs": source})
-    actors = start_teacher_actors(specs, weights, cfg.ray.teacher_cpus, cfg.ray.teacher_gpus)
+                    distill=cfg.distill, teacher_names=names, teacher_models=models,
+                    init_state=None if init is None else checkpoint.read_model_state(init.outputs["model_path"]),
+                    reference_state=None if reference is None else checkpoint.read_model_state(reference.outputs["model_path"]))
+    ctx.tracker.set_tags(run.run_id, {"teacher_weights": ",".join(checkpoint.file_digest(w) for w in weights),
+                                      **{f"{role}_weights": checkpoint.file_digest(r.outputs["model_path"])
+                                         for role, r in (("init", init), ("reference", reference)) if r is not None}})
+    plan = prepare_teacher_outputs(cfg, ctx.splits, specs, weights, teacher_taps_needed(spec, ctx.splits))
     try:
-        cache: list[str] = []
-        if source == "cache":
-            uses = ensure_cached(actors, specs, weights, ctx.splits.train.x, root=str(cfg.cache_root()),
-                                 fingerprint=ctx.splits.fingerprint, dtype=cfg.distill.cache_dtype,
-                                 top_k=cfg.distill.cache_top_k)
-            ctx.tracker.log_params(run.run_id, {"cache": {u.teacher: u.digest for u in uses}})
-            ctx.tracker.log_metrics(run.run_id, {"cache_hits": float(sum(u.hit for u in uses))})
-            cache = [u.path for u in uses]
-            release(actors)
-            actors = []
-        return train_and_record(stage, ctx, run, spec, actors, cache)
+        ctx.tracker.set_tags(run.run_id, {"teacher_outputs": plan.source})
+        if plan.uses:
+            ctx.tracker.log_params(run.run_id, plan.cache_params())
+            ctx.tracker.log_metrics(run.run_id, plan.cache_metrics())
+        yield replace(spec, view_bank=plan.view_bank), plan
     finally:
-        release(actors)
-
-
-def teacher_source(cfg: ExperimentConfig, needs_features: bool) -> str:
-    """``cache`` or ``online`` for ``distill.teacher_outputs`` (see :class:`hpmkd.config.DistillConfig`)."""
-    choice = cfg.distill.teacher_outputs
-    if choice == "cache" and needs_features:
-        raise ConfigError("distill.teacher_outputs: 'cache' holds logits only, but a method in distill.methods reads "
-                          "teacher features. Use teacher_outputs: online (or auto).")
-    if choice == "auto":
-        return "cache" if cfg.data.augment == "none" and not needs_features else "online"
-    return choice
-
-
-def release(actors: list[Any]) -> None:
-    for actor in actors:
-        ray.kill(actor)
+        plan.release()

@@ -1,11 +1,16 @@
 """Frozen teachers served by Ray actors.
 
-One :class:`TeacherActor` per teacher holds the model (weights shipped once through the object store, loaded with
-``weights_only=True``, eval mode, no gradients) and answers batches with logits (and named feature maps when a
-method asks for them). Inputs and outputs travel as NumPy arrays: Ray passes them zero-copy through shared memory on
-the same node (see shared/RAY_MLFLOW.md §3). :class:`ActorTeachers` is the :class:`hpmkd.teachers.TeacherSource`
-that training workers use: it sends a batch to every teacher at once and returns a waiter, so teachers compute the
-next batch while the student trains on the current one.
+A :class:`TeacherActor` holds one teacher's model (weights read with ``weights_only=True`` and shipped once through
+the object store, eval mode, no gradients; on a GPU when the actor was given one, ``ray.teacher_gpus`` may be a
+fraction so several teachers share a GPU) and answers whole batches with logits (and named feature maps when a
+method asks for them), one forward pass per batch. Inputs and outputs travel as NumPy arrays: Ray passes them
+zero-copy through shared memory on the same node (see shared/RAY_MLFLOW.md §3).
+
+A teacher that is the bottleneck gets several identical replicas (``ray.teacher_replicas``): a :class:`TeacherPool`
+sends each request to the next replica in turn, so consecutive batches (the one being waited for and the one
+prefetched), several training workers, or the chunks of a cache fill run on different replicas at once.
+:class:`ActorTeachers` is the :class:`hpmkd.teachers.TeacherSource` that training workers use: it sends a batch to
+every teacher at once and returns a waiter, so teachers compute the next batch while the student trains on this one.
 """
 
 from __future__ import annotations
@@ -57,9 +62,11 @@ class TeacherActor:
         model = spec.build()
         load_state_checked(model, state_dict)
         self.model = frozen(model).to(self.device)
+        self.batches = 0
 
     def forward(self, x: np.ndarray, taps: Sequence[str] = ()) -> dict[str, Any]:
         """``{"logits": [B, C] float32, "features": {tap: array}}`` for the batch ``x``."""
+        self.batches += 1
         logits, feats = teacher_forward(self.model, torch.from_numpy(x).to(self.device), taps)
         return {
             "logits": logits.float().cpu().numpy(),
@@ -69,32 +76,65 @@ class TeacherActor:
     def name(self) -> str:
         return self.spec.name
 
+    def served(self) -> int:
+        """How many batches this actor has answered."""
+        return self.batches
+
+
+@dataclass
+class TeacherPool:
+    """The identical replicas of one teacher; :meth:`submit` sends each request to the next one (round robin)."""
+
+    name: str
+    replicas: list[Any]
+    turn: int = 0
+
+    def submit(self, x: Any, taps: Sequence[str] = ()) -> ray.ObjectRef:
+        """Ask the next replica for the outputs on ``x`` (an array or an object reference to one)."""
+        actor = self.replicas[self.turn % len(self.replicas)]
+        self.turn += 1
+        return actor.forward.remote(x, list(taps))
+
+
+
+def release(pools: list[TeacherPool]) -> None:
+    """End every replica of every pool."""
+    for pool in pools:
+        for actor in pool.replicas:
+            ray.kill(actor)
+
 
 def start_teacher_actors(
-    specs: list[TeacherSpec], checkpoints: list[str], cpus: float, gpus: float
-) -> list[ray.actor.ActorHandle]:
-    """One actor per teacher; weights read here (``weights_only=True``) and shipped through the object store."""
-    actors = []
+    specs: list[TeacherSpec], checkpoints: list[str], cpus: float, gpus: float, replicas: int = 1
+) -> list[TeacherPool]:
+    """``replicas`` actors per teacher; weights read here (``weights_only=True``), put in the object store once per
+    teacher and shared by its replicas."""
+    pools = []
     for spec, path in zip(specs, checkpoints):
         state = read_model_state(path)
         load_state_checked(spec.build(), state)  # fail here, naming the layer, before any actor starts
-        actors.append(
-            TeacherActor.options(num_cpus=cpus, num_gpus=gpus).remote(spec, ray.put(state), max(1, int(cpus)))
-        )
-    ray.get([a.name.remote() for a in actors])  # wait until every model is loaded (errors surface here)
-    return actors
+        ref = ray.put(state)
+        actor = TeacherActor.options(num_cpus=cpus, num_gpus=gpus)
+        pools.append(TeacherPool(spec.name, [actor.remote(spec, ref, max(1, int(cpus))) for _ in range(replicas)]))
+    ray.get([a.name.remote() for p in pools for a in p.replicas])  # wait until every model is loaded (errors surface here)
+    return pools
 
 
 class ActorTeachers:
-    """A :class:`hpmkd.teachers.TeacherSource` backed by :class:`TeacherActor` handles."""
+    """A :class:`hpmkd.teachers.TeacherSource` backed by :class:`TeacherPool` s (one per teacher).
 
-    def __init__(self, names: list[str], actors: list[ray.actor.ActorHandle]):
+    ``start`` offsets the round robin (training workers pass their rank, so they begin on different replicas).
+    """
+
+    def __init__(self, names: list[str], pools: list[TeacherPool], start: int = 0):
         self.names = names
-        self.actors = actors
+        self.pools = pools
+        for pool in pools:
+            pool.turn = start
 
-    def request(self, x: torch.Tensor, index: torch.Tensor, taps: Sequence[Sequence[str]]) -> Pending:
+    def request(self, x: torch.Tensor, index: torch.Tensor, taps: Sequence[Sequence[str]], view: int = 0) -> Pending:
         ref = ray.put(x.detach().cpu().numpy())  # one copy into the object store, shared by every teacher
-        refs = [a.forward.remote(ref, list(taps[i]) if taps else []) for i, a in enumerate(self.actors)]
+        refs = [p.submit(ref, taps[i] if taps else ()) for i, p in enumerate(self.pools)]
 
         def wait() -> TeacherOutputs:
             outs = ray.get(refs)

@@ -7,6 +7,7 @@
     hpmkd ui [--tracking-uri URI] [--port N] [--host 127.0.0.1]
     hpmkd models
     hpmkd cache list|clear [--dir DIR] [--older-than 7d]
+    hpmkd report [--tracking-uri URI] [--experiment NAME ...] [--out DIR] [--log]
 
 Ray and MLflow are imported only by the commands that need them, so ``validate`` answers in about a second.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from hpmkd.registry import ConfigError
@@ -53,19 +55,31 @@ def parser() -> argparse.ArgumentParser:
                        "the default of the config key cache_dir)")
         if name == "clear":
             c.add_argument("--older-than", metavar="AGE", help="only entries older than AGE: 30m, 12h, 7d (default: all)")
+
+    report = sub.add_parser("report", help="write a Markdown report with PNG plots from the MLflow records")
+    report.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db")
+    report.add_argument("--experiment", dest="experiments", action="extend", nargs="+", metavar="NAME",
+                        help="experiments to report (default: every experiment with pipeline runs)")
+    report.add_argument("--out", default="report", help="folder for report.md and the figures (default: report)")
+    report.add_argument("--log", action="store_true",
+                        help="also log the report to MLflow (one run tagged kind=report per experiment)")
     return p
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from hpmkd.config import load_config
-    from pipelines import PIPELINES
+    from pipelines import build_stages
 
     cfg = load_config(args.config, args.overrides)
-    stages = PIPELINES.get(cfg.pipeline, "pipeline")(cfg)
+    stages = build_stages(cfg)
     teachers = ", ".join(f"{t.name}={t.model}" for t in cfg.teachers)
     print(f"OK {args.config}: experiment {cfg.experiment!r}, pipeline {cfg.pipeline}, data {cfg.data.name}, "
           f"teachers [{teachers}], student {cfg.student.model}, {len(stages)} stages ({', '.join(s.name for s in stages)})")
     return 0
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -75,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.runner import ExperimentFailedError, run_experiment
     from pipelines.summary import format_table
 
+    # SIGTERM (a scheduler cancelling the job, `kill`) ends the run like Ctrl-C: the open MLflow runs become KILLED
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         summary = run_experiment(cfg, tracking_uri=args.tracking_uri, output=args.output)
     except ExperimentFailedError as err:
@@ -118,7 +134,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         entries = list(list_entries(args.dir))
         for e in entries:
             print(f"{e.key.digest}  {e.rows:>8} rows  {e.size_bytes / 2**20:8.2f} MiB  {e.key.dtype:<8} "
-                  f"top_k={e.key.top_k}  {e.key.model.split(':')[0]:<12} data={e.key.data} split={e.key.split} view={e.key.view}")
+                  f"top_k={e.key.top_k}  {e.key.model.split(':')[0]:<12} data={e.key.data} split={e.key.split} view={e.key.view}"
+                  + (f" taps={','.join(e.key.taps)}" if e.key.taps else ""))
         print(f"{len(entries)} entries, {sum(e.size_bytes for e in entries) / 2**20:.2f} MiB in {args.dir}")
         return 0
     removed = clear(args.dir, parse_age(args.older_than) if args.older_than else None)
@@ -134,6 +151,15 @@ def parse_age(text: str) -> float:
     return float(text[:-1]) * units[text[-1]]
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from components.report import write_report
+    from components.tracking import default_tracking_uri
+
+    path = write_report(args.tracking_uri or default_tracking_uri(), args.out, args.experiments, log=args.log)
+    print(f"Report: {path}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from hpmkd.models import MODELS, list_models
 
@@ -147,7 +173,8 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "models": cmd_models, "cache": cmd_cache}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "models": cmd_models, "cache": cmd_cache,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,10 @@ Pending = Callable[[], TeacherOutputs]
 class TeacherSource(Protocol):
     names: list[str]
 
-    def request(self, x: Tensor, index: Tensor, taps: Sequence[Sequence[str]]) -> Pending:
-        """Start computing the teachers' outputs for ``x``; the returned callable gives them."""
+    def request(self, x: Tensor, index: Tensor, taps: Sequence[Sequence[str]], view: int = 0) -> Pending:
+        """Start computing the teachers' outputs for ``x`` (rows ``index`` of the training split); the returned
+        callable gives them. ``view``: which stored view ``x`` is (a view bank's ``epoch mod N``, 0 otherwise);
+        sources that compute on ``x`` itself ignore it."""
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -51,7 +53,7 @@ class LocalTeachers:
         self.models = [frozen(m).to(device) for m in models]
         self.device = device
 
-    def request(self, x: Tensor, index: Tensor, taps: Sequence[Sequence[str]]) -> Pending:
+    def request(self, x: Tensor, index: Tensor, taps: Sequence[Sequence[str]], view: int = 0) -> Pending:
         outs = [teacher_forward(m, x.to(self.device), taps[i] if taps else ()) for i, m in enumerate(self.models)]
         result = TeacherOutputs(torch.stack([o[0].float() for o in outs]), [o[1] for o in outs])
         return lambda: result

@@ -20,10 +20,12 @@ from torch import Tensor, nn
 
 from hpmkd.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
 from hpmkd.data import DataSplits, Split, augment, iterate_batches, load_dataset
+from hpmkd.data.views import ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.distiller import CrossEntropyObjective, Distiller, StepOutput
-from hpmkd.models import count_params, create_model, model_taps
-from hpmkd.teachers import TeacherSource
+from hpmkd.models import count_params, create_model, load_state_checked, model_taps
+from hpmkd.models.state import state_digest
+from hpmkd.teachers import TeacherSource, frozen
 from hpmkd.temperature import ScheduleState
 
 
@@ -33,7 +35,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StageSpec:
-    """Everything a worker needs to run one training stage (plain, picklable data)."""
+    """Everything a worker needs to run one training stage (plain, picklable data).
+
+    ``view_bank``: replay this bank's views (epoch ``e`` trains on view ``e mod N``, see :mod:`hpmkd.data.views`)
+    instead of drawing a fresh random augmentation every step; the teacher source is told the view.
+    ``init_state``: weights ``model`` starts from (an earlier stage's student) instead of a fresh initialisation.
+    ``reference_state``: weights of a frozen copy of ``model`` whose logits every step hands to the objective as
+    ``reference_logits`` (the ``reference`` loss of SMSKD).
+    """
 
     name: str
     seed: int
@@ -43,6 +52,9 @@ class StageSpec:
     distill: DistillConfig | None = None
     teacher_names: list[str] = field(default_factory=list)
     teacher_models: list[ModelConfig] = field(default_factory=list)
+    view_bank: ViewBank | None = None
+    init_state: dict[str, Tensor] | None = None
+    reference_state: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -125,6 +137,9 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
     model = build_model(spec.model, splits)
+    if spec.init_state is not None:
+        load_state_checked(model, spec.init_state)
+    reference = frozen_reference(spec, splits, env.device)
     objective = make_objective(spec, model, splits)
     objective.to(env.device)
     cfg = spec.train
@@ -134,7 +149,10 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
 
     # Lazily-shaped parts (adapters, CRD banks) are built from the first batch before the optimiser exists.
     first_idx = torch.arange(min(cfg.batch_size, len(splits.train.y)))
-    first_x = splits.train.x[first_idx].to(env.device)
+    first_x = splits.train.x[first_idx]
+    if spec.view_bank is not None:  # the inputs whose teacher outputs the source holds (view 0)
+        first_x = spec.view_bank.render(first_x, first_idx, 0)
+    first_x = first_x.to(env.device)
     first_teachers = request_teachers(env, objective, first_x, first_idx)()
     if isinstance(objective, Distiller):
         objective.setup(first_x, splits.train.y[first_idx].to(env.device), first_idx, first_teachers, total_epochs=cfg.epochs)
@@ -166,8 +184,12 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         seen = 0
 
         def prepare(x: Tensor, y: Tensor, idx: Tensor):
-            view = augment(spec.data.augment, x, generator).to(env.device)
-            return view, request_teachers(env, objective, view, idx)
+            if spec.view_bank is None:
+                view = augment(spec.data.augment, x, generator).to(env.device)
+                return view, request_teachers(env, objective, view, idx)
+            number = spec.view_bank.view_of(epoch)
+            view = spec.view_bank.render(x, idx, number).to(env.device)
+            return view, request_teachers(env, objective, view, idx, number)
 
         batches = iterate_batches(splits.train, cfg.batch_size, shuffle=True, seed=spec.seed, epoch=epoch,
                                   rank=env.rank, world_size=env.world_size)
@@ -175,6 +197,9 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
             y = y.to(env.device)
             teachers = waiter()
             kwargs = dict(epoch=epoch, total_epochs=cfg.epochs)
+            if reference is not None:
+                with torch.no_grad():
+                    kwargs["reference_logits"] = reference(x)
             out: StepOutput = wrapped(x, y, idx, teachers, **kwargs)
             if not torch.isfinite(out.loss):
                 raise NonFiniteLossError(
@@ -245,7 +270,19 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         "epochs_run": len(history),
         "resumed_at_epoch": resumed_at_epoch,
         "history": history,
+        **({"reference_sha256": state_digest(reference.state_dict())} if reference is not None else {}),
     }
+
+
+def frozen_reference(spec: StageSpec, splits: DataSplits, device: torch.device) -> nn.Module | None:
+    """The frozen reference (``spec.reference_state``; eval mode, no gradients, never handed to the optimiser nor
+    wrapped with the objective), or ``None``. :func:`train_stage` returns the digest of its state after training
+    (``reference_sha256``): equal to the digest of ``spec.reference_state`` when it stayed frozen."""
+    if spec.reference_state is None:
+        return None
+    reference = build_model(spec.model, splits)
+    load_state_checked(reference, spec.reference_state)
+    return frozen(reference).to(device)
 
 
 def make_objective(spec: StageSpec, model: nn.Module, splits: DataSplits) -> nn.Module:
@@ -270,10 +307,11 @@ def teacher_taps_needed(spec: StageSpec, splits: DataSplits) -> list[list[str]]:
         return make_objective(spec, build_model(spec.model, splits), splits).teacher_tap_names()
 
 
-def request_teachers(env: StageEnv, objective: nn.Module, x: Tensor, index: Tensor) -> Callable[[], TeacherOutputs | None]:
+def request_teachers(env: StageEnv, objective: nn.Module, x: Tensor, index: Tensor,
+                     view: int = 0) -> Callable[[], TeacherOutputs | None]:
     if env.teachers is None or not isinstance(objective, Distiller):
         return lambda: None
-    pending = env.teachers.request(x, index, objective.teacher_tap_names())
+    pending = env.teachers.request(x, index, objective.teacher_tap_names(), view)
     return lambda: pending().to(env.device)
 
 

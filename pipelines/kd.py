@@ -14,14 +14,11 @@ from __future__ import annotations
 
 from components.scheduler import Stage
 from hpmkd.config import ExperimentConfig
-from pipelines.registry import PIPELINES, distill_cpus, teacher_stages
+from pipelines.registry import PIPELINES, baseline_stages, distill_cpus, teacher_stages
 
 
 @PIPELINES.register("kd")
 def kd_pipeline(cfg: ExperimentConfig) -> list[Stage]:
     teachers = teacher_stages(cfg)
-    stages = list(teachers)
-    if cfg.distill.baseline:
-        stages.append(Stage("student_alone", "train_student", cpus=cfg.ray.num_workers * cfg.ray.cpus_per_worker))
-    stages.append(Stage("distill", "distill", deps=[t.name for t in teachers], cpus=distill_cpus(cfg)))
-    return stages
+    return [*teachers, *baseline_stages(cfg),
+            Stage("distill", "distill", deps=[t.name for t in teachers], cpus=distill_cpus(cfg))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from components.scheduler import Stage
+from components.teacher_outputs import choose_source
 from hpmkd.config import ExperimentConfig
 from hpmkd.registry import Registry
 
@@ -23,6 +24,18 @@ def teacher_stages(cfg: ExperimentConfig) -> list[Stage]:
     ]
 
 
+def baseline_stages(cfg: ExperimentConfig) -> list[Stage]:
+    """``student_alone`` (the student trained with cross-entropy only) when ``distill.baseline`` asks for it."""
+    if not cfg.distill.baseline:
+        return []
+    return [Stage("student_alone", "train_student", cpus=cfg.ray.num_workers * cfg.ray.cpus_per_worker)]
+
+
 def distill_cpus(cfg: ExperimentConfig) -> float:
-    """CPUs a distillation stage holds: its Train workers plus one actor per teacher."""
-    return cfg.ray.num_workers * cfg.ray.cpus_per_worker + len(cfg.teachers) * cfg.ray.teacher_cpus
+    """CPUs a distillation stage holds at its peak: its Train workers plus the teacher actors (replicas too) while they
+    serve batches online; when the cache serves the logits, the actors fill it and are released before the workers
+    start, so the peak is the larger of the two."""
+    workers = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    actors = len(cfg.teachers) * cfg.ray.teacher_replicas * cfg.ray.teacher_cpus
+    online = choose_source(cfg.distill, cfg.data.augment, needs_features=False) == "online"
+    return workers + actors if online else max(workers, actors)

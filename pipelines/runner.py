@@ -3,7 +3,8 @@
 Everything that can be checked without Ray is checked first (config, data present, teacher checkpoints fit their
 models), so bad input fails in seconds and records nothing half-done. The experiment gets one parent MLflow run;
 every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked FAILED, the
-stages that finished stay FINISHED, and the error is raised after the summary of what did finish.
+stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
+``RUNNING`` by an earlier driver that died are marked ``KILLED`` first (:mod:`components.orphans`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from components import orphans
 from components.ray_runtime import ensure_ray
 from components.scheduler import run_graph
 from components.stages import ExperimentContext, execute
@@ -24,7 +26,8 @@ from hpmkd import checkpoint
 from hpmkd.config import ExperimentConfig
 from hpmkd.data import load_dataset
 from hpmkd.models import create_model, load_state_checked
-from pipelines import PIPELINES
+from components import tune_stage  # noqa: F401  (registers the "tune" stage kind)
+from pipelines import build_stages
 from pipelines.summary import summarise
 
 log = logging.getLogger("hpmkd")
@@ -61,11 +64,11 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run ``cfg`` and return the results dict (also written as JSON to ``output`` when given)."""
     began = time.perf_counter()
-    build_graph = PIPELINES.get(cfg.pipeline, "pipeline")
-    stages = build_graph(cfg)
+    stages = build_stages(cfg)
     splits = preflight(cfg)
     tracking_uri = tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, cfg.experiment, cfg.mlflow.artifact_root)
+    orphans.sweep(tracker.client, tracker.experiment_id)
     out_root = Path(cfg.output_dir).resolve()
     storage_path = cfg.ray.storage_path or str(out_root / "ray")
     resources = ensure_ray(cfg.ray.address, cfg.ray.num_cpus, tracking_uri,
@@ -75,7 +78,7 @@ def run_experiment(
     with tracker.run(
         f"{cfg.pipeline}-seed{cfg.seed}",
         {"kind": "pipeline", "pipeline": cfg.pipeline, "data_fingerprint": splits.fingerprint, "seed": str(cfg.seed)},
-    ) as parent:
+    ) as parent, orphans.heartbeat(tracker.client, parent):
         tracker.log_params(parent, cfg.as_dict())
         tracker.log_text(parent, yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
         ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_root / cfg.experiment / parent)

@@ -28,9 +28,10 @@ def summarise(
         if r.kind in ("train_teacher", "load_teacher") and r.status == "FINISHED":
             teachers.append({"name": r.outputs["teacher"], "model": r.outputs["model"], "params": r.outputs["params"],
                              "test_acc": r.metrics["test_acc"]})
-    finals = [r for r in rows if r.kind in STUDENT_KINDS and r.status == "FINISHED"]
+    # the student is the graph's last distillation stage (a chain's assistants come before it); none if it failed
+    finals = [r for r in rows if r.kind in STUDENT_KINDS]
     student = None
-    if finals:
+    if finals and finals[-1].status == "FINISHED":
         last = finals[-1]
         student = {"model": last.outputs["model"], "params": last.outputs["params"],
                    "test_acc": last.metrics["test_acc"], "val_acc": last.metrics["val_acc"], "stage": last.name}
@@ -54,7 +55,20 @@ def summarise(
                                                      "test_acc": alone.metrics["test_acc"], "val_acc": alone.metrics["val_acc"]},
         "retention": student["test_acc"] / best["test_acc"] if student and best else None,
         "compression": best["params"] / student["params"] if student and best else None,
+        "config_manager": config_manager(rows),
     }
+
+
+def config_manager(rows: list[StageResult]) -> dict[str, Any] | None:
+    """The configuration manager's part: its proposals and their source, the configuration it chose (handed to the
+    distillation stages as config overrides) and the search that chose it."""
+    tuned = next((r for r in rows if r.kind == "tune" and r.status == "FINISHED"), None)
+    if tuned is None:
+        return None
+    out = tuned.outputs
+    return {"source": out["source"], "proposals": out["proposals"], "chosen": out["config"],
+            "overrides": out["overrides"], "best_val_acc": tuned.metrics["val_acc"], "trials": int(tuned.metrics["trials"]),
+            "best_trial": out["best_trial"], "budget_epochs": out["budget_epochs"]}
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -74,6 +88,11 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("student") and summary.get("student_alone"):
         gain = summary["student"]["test_acc"] - summary["student_alone"]["test_acc"]
         lines.append(f"distilled student vs student alone: {gain * 100:+.2f} points test accuracy")
+    if summary.get("config_manager"):
+        cm = summary["config_manager"]
+        chosen = ", ".join(f"{k}={v:.4g}" for k, v in cm["chosen"].items())
+        lines.append(f"config manager: {cm['trials']} trials, {len(cm['proposals'])} proposal(s) from {cm['source']}; "
+                     f"chosen {chosen} (trial val_acc {cm['best_val_acc']:.4f})")
     lines.append(f"total wall time: {summary['wall_s']:.1f} s")
     return "\n".join(lines)
 

@@ -99,7 +99,7 @@ def test_list_and_clear_by_age(tmp_path):
 
 def test_actors_fill_the_cache_once_and_hits_equal_the_teacher(ray_session, tmp_path):
     from components.logit_cache import CachedTeachers, ensure_cached
-    from components.teacher_service import TeacherSpec, start_teacher_actors
+    from components.teacher_service import TeacherSpec, release, start_teacher_actors
     from hpmkd.config import ModelConfig
     from hpmkd.teachers import LocalTeachers
 
@@ -109,19 +109,16 @@ def test_actors_fill_the_cache_once_and_hits_equal_the_teacher(ray_session, tmp_
     weights = tmp_path / "cnn.pt"
     torch.save(net.state_dict(), weights)
     x = torch.randn(1500, 1, 28, 28)
-    actors = start_teacher_actors([spec], [str(weights)], cpus=0.5, gpus=0.0)
+    pools = start_teacher_actors([spec], [str(weights)], cpus=0.5, gpus=0.0)
     try:
         kwargs = dict(root=str(tmp_path / "cache"), fingerprint="fp", dtype="float32")
-        first = ensure_cached(actors, [spec], [str(weights)], x, **kwargs)
-        again = ensure_cached(actors, [spec], [str(weights)], x, **kwargs)
+        [first] = ensure_cached(pools, [spec], [str(weights)], x, **kwargs)
+        [again] = ensure_cached(pools, [spec], [str(weights)], x, **kwargs)
     finally:
-        import ray
-
-        for actor in actors:
-            ray.kill(actor)
+        release(pools)
     assert [u.hit for u in first] == [False] and [u.hit for u in again] == [True]
     index = torch.tensor([3, 1499, 1024, 0])
-    served = CachedTeachers(["cnn"], [first[0].path]).request(x[index], index, [[]])()
+    served = CachedTeachers(["cnn"], [[first[0].path]]).request(x[index], index, [[]])()
     expected = LocalTeachers(["cnn"], [net]).request(x[index], index, [[]])()
     torch.testing.assert_close(served.logits, expected.logits, rtol=0, atol=1e-5)
     # new weights -> a different key -> the old entry is not served

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.teacher_service import ActorTeachers, TeacherSpec, start_teacher_actors
+from components.teacher_service import ActorTeachers, TeacherSpec, release, start_teacher_actors
 from hpmkd.config import ModelConfig
 from hpmkd.teachers import LocalTeachers
 
@@ -26,9 +26,9 @@ def saved_teacher(tmp_path, name: str, model: str, seed: int):
 def test_actors_serve_the_same_logits_as_the_local_models(ray_session, tmp_path):
     specs, nets, paths = zip(*(saved_teacher(tmp_path, n, m, s) for n, m, s in
                                [("a", "cnn_small", 0), ("b", "resnet8", 1)]))
-    actors = start_teacher_actors(list(specs), [str(p) for p in paths], cpus=0.5, gpus=0.0)
+    pools = start_teacher_actors(list(specs), [str(p) for p in paths], cpus=0.5, gpus=0.0)
     try:
-        remote = ActorTeachers(["a", "b"], actors)
+        remote = ActorTeachers(["a", "b"], pools)
         local = LocalTeachers(["a", "b"], list(nets))
         x = torch.randn(32, 1, 28, 28)
         index = torch.arange(32)
@@ -45,10 +45,7 @@ def test_actors_serve_the_same_logits_as_the_local_models(ray_session, tmp_path)
                                    rtol=0, atol=1e-5)
         assert with_feats.features[1] == {}
     finally:
-        import ray
-
-        for actor in actors:
-            ray.kill(actor)
+        release(pools)
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_layer_before_any_actor_starts(ray_session, tmp_path):

@@ -8,6 +8,8 @@ is replaced by 1). Nothing is cached on disk.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -35,10 +37,7 @@ def load_dataset(
     an official test split hold out a stratified test split first (20 %).
     """
     check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
-    factory = DATASETS.get(name, "data.name")
-    accepted = user_options(factory, ())
-    context = {"root": root, "download": download}
-    raw: RawData = factory(**{k: v for k, v in context.items() if accepted is None or k in accepted})
+    raw = read_raw(name, root, download)
     idx = split_indices(
         raw.train_y,
         raw.test_y,
@@ -77,6 +76,22 @@ def load_dataset(
         fingerprint=fingerprint(name, source_and_indices(raw, idx), params),
         source=raw.source,
     )
+
+
+def read_raw(name: str, root: str | None, download: bool) -> RawData:
+    """The raw arrays of data set ``name`` (its factory called with the context it accepts)."""
+    factory = DATASETS.get(name, "data.name")
+    accepted = user_options(factory, ())
+    context = {"root": root, "download": download}
+    return factory(**{k: v for k, v in context.items() if accepted is None or k in accepted})
+
+
+@functools.lru_cache(maxsize=16)
+def data_shape(name: str, root: str | None = None, download: bool = False) -> tuple[int, tuple[int, ...]]:
+    """``(number of classes, one model input's shape)`` of data set ``name``, from its raw files without splitting
+    or normalising: what sizing a model needs before the experiment loads its data."""
+    raw = read_raw(name, root, download)
+    return len(raw.class_names), tuple(int(d) for d in raw.to_model(raw.train_x[:1]).shape[1:])
 
 
 def check_arguments(val_fraction: float, **limits: int | None) -> None:

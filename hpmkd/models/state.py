@@ -1,9 +1,11 @@
-"""Loading a state dict with an error that says which layer does not fit."""
+"""State dicts: loading one with an error that says which layer does not fit, and a digest of their contents."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
+import torch
 from torch import Tensor, nn
 
 
@@ -33,3 +35,14 @@ def load_state_checked(model: nn.Module, state_dict: Mapping[str, Tensor]) -> No
             f"model (or other options: num_classes, in_channels, depth, width); build the model it was trained with."
         )
     model.load_state_dict(state_dict)
+
+
+def state_digest(state_dict: Mapping[str, Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and values: the same digest for the same weights, whatever
+    file or process they are in."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()

@@ -1,0 +1,114 @@
+"""The report's figures, each drawn from plain data into a PNG file.
+
+Figures are :class:`matplotlib.figure.Figure` objects saved with the Agg canvas: no pyplot, no global backend, no
+display needed, safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+#: marker per stage role (see ``records.STAGE_ROLES``)
+ROLE_MARKERS = {"teacher": "^", "student alone": "s", "distilled": "o"}
+#: bar colour per run status in the timeline
+STATUS_COLOURS = {"FINISHED": "tab:blue", "FAILED": "tab:red", "KILLED": "tab:gray", "RUNNING": "tab:orange"}
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Point:
+    """One stage's model on the accuracy-compression plane."""
+
+    group: str  # legend entry (the stage name)
+    role: str
+    compression: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Line:
+    label: str
+    points: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    lines: list[Line]
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One stage run on the timeline, in seconds since its pipeline run started."""
+
+    row: str
+    start_s: float
+    end_s: float
+    status: str
+    reused: bool
+
+
+def save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def accuracy_vs_compression(points: list[Point], path: Path) -> Path:
+    """Test accuracy against compression (best teacher's params / model's params, log scale), one marker per role."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for group in dict.fromkeys(p.group for p in points):
+        mine = [p for p in points if p.group == group]
+        ax.scatter([p.compression for p in mine], [p.accuracy * 100 for p in mine], marker=ROLE_MARKERS[mine[0].role],
+                   s=60, alpha=0.8, label=f"{group} ({mine[0].role})")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression: best teacher params / model params (log)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return save(fig, path)
+
+
+def series_panels(panels: list[Panel], path: Path, ylabel: str) -> Path:
+    """One small plot per panel, a line per series, over epochs."""
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(max(6.0, 4.2 * cols), 3.2 * rows), layout="constrained")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for line in panel.lines:
+            ax.plot([s for s, _ in line.points], [v for _, v in line.points], marker=".", label=line.label)
+        ax.set_title(panel.title, fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small")
+    return save(fig, path)
+
+
+def timeline(bars: list[Bar], path: Path) -> Path:
+    """Gantt-like bars, top to bottom in the given order; colour = status, hatched = reused from an earlier run."""
+    fig = Figure(figsize=(9, 1.2 + 0.35 * len(bars)), layout="constrained")
+    ax = fig.add_subplot()
+    for y, bar in enumerate(bars):
+        ax.barh(y, max(bar.end_s - bar.start_s, 0.0), left=bar.start_s,
+                color=STATUS_COLOURS.get(bar.status, "tab:purple"), hatch="//" if bar.reused else None,
+                alpha=0.5 if bar.reused else 0.9, edgecolor="black", linewidth=0.5)
+    ax.set_yticks(range(len(bars)), [f"{b.row} (reused)" if b.reused else b.row for b in bars], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the pipeline run started")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles = [Patch(color=c, label=s) for s, c in STATUS_COLOURS.items() if any(b.status == s for b in bars)]
+    if any(b.reused for b in bars):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="reused"))
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save(fig, path)
