@@ -35,8 +35,12 @@ def blocks_per_stage(depth: int, stages: int) -> list[int]:
     return [depth // n + (1 if i < depth % n else 0) for i in range(n)]
 
 
+@MODELS.register("cnn")
 class SimpleCNN(nn.Module):
-    """See the module docstring. Taps: ``stage1``..``stageN`` (maps), ``pool`` (embedding), ``fc`` (classifier)."""
+    """A conv-BN-ReLU network: ``width`` stem channels (doubling per stage), ``depth`` blocks over ``stages``
+    stages (see the module docstring). ``stem_stride=2`` halves the resolution at the stem: the same parameters
+    at about a quarter of the compute (how the default config keeps a CNN teacher fast on a CPU).
+    Taps: ``stage1``..``stageN`` (maps), ``pool`` (embedding), ``fc`` (classifier)."""
 
     def __init__(
         self,
@@ -79,26 +83,9 @@ class SimpleCNN(nn.Module):
         return self.fc(self.dropout(self.pool(x).flatten(1)))
 
 
-@MODELS.register("cnn")
-def cnn(
-    num_classes: int,
-    in_channels: int,
-    width: int = 32,
-    depth: int = 3,
-    stages: int = 3,
-    dropout: float = 0.0,
-    stem_stride: int = 1,
-) -> SimpleCNN:
-    """A conv-BN-ReLU network: ``width`` stem channels (doubling per stage), ``depth`` blocks over ``stages``
-    stages (see :mod:`hpmkd.models.cnn`). ``stem_stride=2`` halves the resolution at the stem: the same parameters
-    at about a quarter of the compute (how the default config keeps a CNN teacher fast on a CPU)."""
-    return SimpleCNN(num_classes, in_channels, width=width, depth=depth, stages=stages, dropout=dropout,
-                     stem_stride=stem_stride)
-
-
 def cnn_preset(name: str, default_width: int, default_depth: int) -> None:
-    """Register ``name`` as :func:`cnn` with its own ``width``/``depth`` defaults (still overridable)."""
-    build = functools.partial(cnn, width=default_width, depth=default_depth)
+    """Register ``name`` as ``cnn`` (:class:`SimpleCNN`) with its own ``width``/``depth`` defaults (still overridable)."""
+    build = functools.partial(SimpleCNN, width=default_width, depth=default_depth)
     build.__doc__ = f"``cnn`` with width={default_width}, depth={default_depth}."
     MODELS.register(name)(build)
 
