@@ -112,7 +112,8 @@ class TrialSetup:
     def trial_spec(self, config: dict[str, float]) -> StageSpec:
         """The distillation spec with ``config`` applied (recipe and train settings) at the trial budget."""
         cfg = with_overrides(self.cfg, self.space.overrides(config))
-        return replace(self.spec, distill=cfg.distill, train=replace(cfg.distill_train(), epochs=self.budget))
+        return replace(self.spec, distill=cfg.distill, train=replace(cfg.distill_train(), epochs=self.budget),
+                       read_test=False)
 
 
 def trial_runs(client: MlflowClient, experiment_id: str, tune_key: str) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class StageSpec:
     ``init_state``: weights ``model`` starts from (an earlier stage's student) instead of a fresh initialisation.
     ``reference_state``: weights of a frozen copy of ``model`` whose logits every step hands to the objective as
     ``reference_logits`` (the ``reference`` loss of SMSKD).
+    ``read_test``: evaluate the selected weights on the test split at the end (off for search trials, which are
+    chosen on validation only).
     """
 
     name: str
@@ -55,6 +57,7 @@ class StageSpec:
     view_bank: ViewBank | None = None
     init_state: dict[str, Tensor] | None = None
     reference_state: dict[str, Tensor] | None = None
+    read_test: bool = True
 
 
 @dataclass
@@ -259,10 +262,10 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         env.report(metrics, state)
 
     model.load_state_dict(best["model"])
-    test_acc, test_loss = evaluate(model, splits.test, cfg.eval_batch_size, env.device)
+    # a final stage reads the test split once, for the selected weights; a search trial never reads it
+    tested = evaluate(model, splits.test, cfg.eval_batch_size, env.device) if spec.read_test else None
     return {
-        "test_acc": test_acc,
-        "test_loss": test_loss,
+        **({"test_acc": tested[0], "test_loss": tested[1]} if tested else {}),
         "val_acc": best["val_acc"],
         "selected_epoch": best["epoch"],
         "params": count_params(model),

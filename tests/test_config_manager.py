@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -45,6 +46,15 @@ def teacher_checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("teacher") / checkpoint.STATE_FILE
     checkpoint.save_atomic(states[-1], path)
     return str(path)
+
+
+def test_a_search_trial_never_reads_the_test_split():
+    """Trials are chosen on validation only: with ``read_test=False`` the test split is not evaluated at all."""
+    spec = StageSpec("trial", 0, DataConfig(name="digits"), ModelConfig("mlp", {"hidden": 32, "depth": 1}),
+                     TrainConfig(epochs=1, batch_size=64), read_test=False)
+    result = train_stage(spec, StageEnv())
+    assert "test_acc" not in result and "test_loss" not in result and result["val_acc"] > 0.1
+    assert 0.1 < train_stage(dataclasses.replace(spec, read_test=True), StageEnv())["test_acc"] <= 1.0
 
 
 def digits_overrides(tmp_path: Path, teacher: str, *extra: str) -> list[str]:
