@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import torch
 from mlflow import MlflowClient
@@ -54,9 +55,14 @@ from hpmkd.training import NonFiniteLossError, StageEnv, StageSpec, train_stage
 log = logging.getLogger("hpmkd")
 
 METRIC = "best_val_acc"  # best validation accuracy so far: what ASHA, the searcher and the final choice compare
-# Every trial checkpoint forces a snapshot of the experiment state (CheckpointConfig(num_to_keep=1)), so a restore
-# resumes each trial from its newest checkpoint; Tune warns that this is frequent, which here is the intent.
-EXCESSIVE_SYNC_WARNING = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
+# Trial checkpoints are all kept while the search runs (CheckpointConfig(num_to_keep=None)), and the experiment
+# state is snapshotted at every step of Tune's loop (TUNE_GLOBAL_CHECKPOINT_S=0; one small JSON file per step).
+# With num_to_keep=1, Tune deleted a trial's previous checkpoint when it registered the next one, before the snapshot
+# naming the new one was written: a driver killed in between left a state pointing at a deleted checkpoint, and the
+# restored trial failed ("does not exist on storage anymore"). Now a state that lags resumes from an older
+# checkpoint that still exists. The checkpoints are deleted once the search has finished (prune_checkpoints).
+SNAPSHOT_PERIOD = "TUNE_GLOBAL_CHECKPOINT_S"
+SNAPSHOT_PERIOD_S = "0"
 
 SEARCHERS: Registry[Any] = Registry("searcher")
 SCHEDULERS: Registry[Any] = Registry("scheduler")
@@ -183,13 +189,18 @@ def concurrency(cfg: ExperimentConfig) -> int:
     return max(1, fits)
 
 
+def experiment_path(storage_path: str, name: str) -> str:
+    """Where Tune keeps the search ``name`` (its state and trial checkpoints)."""
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
 def make_tuner(setup: TrialSetup, points: list[dict[str, float]], name: str, storage_path: str) -> tuple[tune.Tuner, bool]:
     """A new Tuner, or the one restored from ``storage_path/name`` (True) when an earlier run of the stage left it."""
     cm = setup.cfg.config_manager
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": cm.cpus_per_trial, "gpu": cm.gpus_per_trial})
-    os.environ.setdefault(EXCESSIVE_SYNC_WARNING, "0")
-    path = f"{storage_path.rstrip('/')}/{name}"
+    os.environ.setdefault(SNAPSHOT_PERIOD, SNAPSHOT_PERIOD_S)  # read when Tuner.fit builds its controller
+    path = experiment_path(storage_path, name)
     if tune.Tuner.can_restore(path):
         log.info("tune: restoring the search from %s (finished trials are kept)", path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True), True
@@ -205,9 +216,20 @@ def make_tuner(setup: TrialSetup, points: list[dict[str, float]], name: str, sto
                                                                                 setup.budget)),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cm.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
     )
     return tuner, False
+
+
+def prune_checkpoints(path: str) -> int:
+    """Delete the trial checkpoints of the finished search at ``path`` (a local folder or a storage URI; a rerun of
+    a finished stage never restores the search); returns how many were deleted."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(path)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    folders = [f.path for f in found if f.type == pyarrow.fs.FileType.Directory and f.base_name.startswith("checkpoint_")]
+    for folder in folders:
+        fs.delete_dir(folder)
+    return len(folders)
 
 
 @dataclass
@@ -269,11 +291,13 @@ def tune_stage(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResu
         setup = TrialSetup(cfg, spec, space, budget_epochs(cfg), max(1, int(cfg.config_manager.cpus_per_trial)),
                            ctx.tracker.tracking_uri, ctx.tracker.experiment_id, run.run_id, run.key, stage.name,
                            list(plan.pools), plan.cache)
-        tuner, restored = make_tuner(setup, [p.config for p in proposals],
-                                     f"{cfg.experiment}-{stage.name}-{run.key}", ctx.storage_path)
+        name = f"{cfg.experiment}-{stage.name}-{run.key}"
+        tuner, restored = make_tuner(setup, [p.config for p in proposals], name, ctx.storage_path)
         grid = tuner.fit()
     ctx.tracker.set_tags(run.run_id, {"restored": str(restored).lower()})
     closed = close_trials(client, setup, grid, task)
+    log.info("tune: deleted %d trial checkpoint(s) of the finished search",
+             prune_checkpoints(experiment_path(ctx.storage_path, name)))
     if not closed:
         raise RuntimeError(f"stage {stage.name!r}: every one of the {len(grid)} trials failed; see their runs' "
                            f"error tags (first: {next((r.error for r in grid if r.error), None)}).")
