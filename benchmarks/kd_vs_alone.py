@@ -1,11 +1,11 @@
-"""Does distillation beat the same student trained alone? The default experiment over several seeds.
+"""Does distillation beat the same student trained alone? The plain-KD experiment (conf/kd.yaml) over several seeds.
 
-Runs ``conf/default.yaml`` once per seed (teachers, student alone and distilled student all retrained per seed),
+Runs ``conf/kd.yaml`` once per seed (teachers, student alone and distilled student all retrained per seed),
 then builds the table from the MLflow records alone: per seed the teachers', the student-alone and the distilled
 student's test accuracy (weights selected on validation, test read once), then mean ± std and the paired gain.
 Last line: ``kd_gain=<mean gain in points>``.
 
-    python benchmarks/kd_vs_alone.py [--config conf/default.yaml] [--seeds 0 1 2] [--quick]
+    python benchmarks/kd_vs_alone.py [--config conf/kd.yaml] [--seeds 0 1 2] [--quick]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def mean_std(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "conf" / "default.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "conf" / "kd.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--quick", action="store_true", help="the smoke config (tiny subset), for a check in minutes")
     ap.add_argument("--tracking-uri", default=None)

@@ -6,7 +6,7 @@
 3. Prints the table from the MLflow records: test accuracy (weights selected on validation), validation accuracy
    and wall time of each recipe, next to plain KD and the student alone. Last line: ``best_recipe=<name>``.
 
-    python benchmarks/methods.py [--config conf/default.yaml] [--seed 0] [--only kd dkd ...] [--quick]
+    python benchmarks/methods.py [--config conf/kd.yaml] [--seed 0] [--only kd dkd ...] [--quick]
 
 Recipes that need convolutional feature maps (``at``, ``hierarchical``) distil from the teachers that have them
 (the MLP teacher is left out, and the row says so), and are skipped for an MLP student. A recipe that fails is
@@ -52,7 +52,7 @@ FLAT_MODELS = {"mlp"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "conf" / "default.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "conf" / "kd.yaml"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run only these recipes")
     ap.add_argument("--quick", action="store_true", help="the smoke config (tiny subset), for a check in minutes")

@@ -6,7 +6,7 @@ runs. From the MLflow records alone, it reports the teacher phase (first teacher
 whole run, per mode, mean ± std over seeds, and their ratio. Last line: ``parallel_speedup=<sequential / parallel
 teacher-phase wall time>``. Run it on an otherwise idle machine: it measures wall time.
 
-    python benchmarks/parallel_pipeline.py [--seeds 0 1 2] [--teachers 2] [--quick]
+    python benchmarks/parallel_pipeline.py [--seeds 0 1 2] [--teachers 2] [--images 18000] [--epochs 8] [--quick]
 """
 
 from __future__ import annotations
@@ -48,11 +48,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--teachers", type=int, default=2)
+    ap.add_argument("--images", type=int, default=18000, help="training images per teacher stage")
+    ap.add_argument("--epochs", type=int, default=8, help="epochs per teacher: a minute or more of compute each, so "
+                    "Ray Train's start-up (15-20 s a stage) does not dominate")
     ap.add_argument("--quick", action="store_true", help="one seed, a smaller subset")
     ap.add_argument("--tracking-uri", default=None)
     args = ap.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
-    size, epochs = (2000, 2) if args.quick else (6000, 4)
+    size, epochs = (2000, 2) if args.quick else (args.images, args.epochs)
     uri = args.tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
     base = [

@@ -204,12 +204,13 @@ def train_and_record(
 ) -> StageOutcome:
     """Fit ``spec`` on Ray Train and record its files (checkpoint, weights, MLflow model) in the stage's run.
 
-    The Train run is named after the stage's content key, so rerunning the same stage resumes its checkpoint.
+    The Train run is named after the stage's content key (:func:`resume_key`), so rerunning the same stage resumes
+    its checkpoint.
     """
     out_dir = ctx.out_dir / stage.name
     trained = run_training_stage(
         spec,
-        train_run_name=f"{ctx.cfg.experiment}-{stage.name}-{run.key}",
+        train_run_name=f"{ctx.cfg.experiment}-{stage.name}-{resume_key(ctx, run)}",
         storage_path=ctx.storage_path,
         out_dir=out_dir,
         ray_cfg=ctx.cfg.ray,
@@ -224,6 +225,13 @@ def train_and_record(
     texts = {k: v for k, v in trained.metrics.items() if isinstance(v, str)}  # data fingerprint, reference digest
     return StageOutcome(metrics, {"model_path": str(trained.model_path), "model": spec.model.model,
                                   "options": spec.model.options, "params": int(trained.metrics["params"]), **texts})
+
+
+def resume_key(ctx: ExperimentContext, run: StageRun) -> str:
+    """What names a stage's Ray Train run or Tune search under ``ray.storage_path``: its content key, so that a rerun
+    of the same stage resumes what an interrupted run left; with ``reuse`` off, the key and the stage's MLflow run,
+    so that nothing an earlier run left is resumed (the stage is recomputed from scratch)."""
+    return run.key if ctx.cfg.reuse else f"{run.key}-{run.run_id}"
 
 
 def record_model(ctx: ExperimentContext, run_id: str, model_cfg: ModelConfig, model_path: Path, state_path: Path | None,
@@ -298,15 +306,17 @@ def distill(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
     ``cache_hits`` / ``cache_entries``).
 
     A chain link (param ``chain``: its ``index`` and, for links the ε rule can skip, ``epsilon``) records its
-    relative validation gain over its teacher (metric ``chain_gain``, :func:`hpmkd.chain.relative_gain`). When its
-    predecessor stopped the chain (:func:`hpmkd.chain.link_stopped`) it trains nothing: tagged ``chain_status:
-    skipped``, it hands its predecessor's model on (the weights are copied into its run).
+    relative validation gain (metric ``chain_gain``, :func:`hpmkd.chain.relative_gain`) over the link it follows
+    (:func:`previous_link`; for the first link, the best teacher). When its predecessor stopped the chain
+    (:func:`hpmkd.chain.link_stopped`) it trains nothing: tagged ``chain_status: skipped``, it hands its
+    predecessor's model on (the weights are copied into its run).
     """
     names = stage.params.get("teachers") or [d for d in stage.deps if inputs[d].kind not in CONFIG_KINDS]
     teachers = [inputs[d] for d in names]
     chain = stage.params.get("chain")
-    if chain is not None and link_stopped(teachers[0].outputs, chain.get("epsilon")):
-        return pass_through(stage, ctx, run, teachers[0])
+    previous = previous_link(teachers)
+    if chain is not None and link_stopped(previous[-1].outputs, chain.get("epsilon")):
+        return pass_through(stage, ctx, run, previous[-1])
     init, reference = (inputs[stage.params[k]] if k in stage.params else None for k in ("init_from", "reference"))
     with distill_setup(stage, ctx, teachers, run, init, reference) as (spec, plan):
         outcome = train_and_record(stage, ctx, run, spec, plan.pools, plan.cache)
@@ -314,11 +324,18 @@ def distill(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
     if "reference_sha256" in outcome.outputs:
         ctx.tracker.set_tags(run.run_id, {"reference_state_sha256": outcome.outputs["reference_sha256"]})
     if chain is not None:
-        gain = relative_gain(outcome.metrics["val_acc"], max(t.metrics["val_acc"] for t in teachers))
+        gain = relative_gain(outcome.metrics["val_acc"], max(t.metrics["val_acc"] for t in previous))
         outcome.metrics.update(chain_gain=gain, chain_skipped=0.0)
         outcome.outputs.update(teacher=stage.name, chain_index=chain["index"], chain_gain=gain)
         ctx.tracker.set_tags(run.run_id, {"chain_status": "trained"})
     return outcome
+
+
+def previous_link(teachers: list[StageResult]) -> list[StageResult]:
+    """What a chain link follows among its ``teachers``: the earlier link (a ``takd`` link's only teacher; an
+    ``hpmkd`` link's teachers are the pipeline's teachers and the earlier link), or, for the first link, the
+    teachers themselves."""
+    return [t for t in teachers if "chain_index" in t.outputs] or teachers
 
 
 def pass_through(stage: Stage, ctx: ExperimentContext, run: StageRun, previous: StageResult) -> StageOutcome:

@@ -19,7 +19,9 @@ proposals, and hands the best configuration (on validation) to the stages that d
   tag ``early_stopped`` when ASHA stopped it; FAILED with its error) and written to the optimisation memory.
 * **Resume**: the Tune experiment is named after the stage's content key under ``ray.storage_path``; a stage that
   finds it (``Tuner.can_restore``) after a crash calls ``Tuner.restore``: finished trials are kept, unfinished and
-  errored ones continue from their last per-epoch checkpoint, and their MLflow runs are picked up again.
+  errored ones continue from their last per-epoch checkpoint, and their MLflow runs are picked up again. With
+  ``reuse: false`` the name also holds the stage's MLflow run (:func:`components.stages.resume_key`): nothing is
+  restored, the search starts afresh.
 * **Output**: ``overrides`` (the config key paths of the best configuration), which every stage depending on this
   one runs with (:func:`components.stages.configured`); plus the proposals, their source and the chosen config.
 """
@@ -42,7 +44,7 @@ from ray import tune
 from components.config_manager import budget_epochs, fixed_for, memory_records, proposals_for, source_of
 from components.memory import make_record, remember, student_params, task_features
 from components.stage_runner import worker_teachers
-from components.stages import STAGE_KINDS, ExperimentContext, StageOutcome, StageRun, distill_setup
+from components.stages import STAGE_KINDS, ExperimentContext, StageOutcome, StageRun, distill_setup, resume_key
 from components.scheduler import Stage, StageResult
 from components.tracking import log_metrics, log_params
 from hpmkd import checkpoint
@@ -286,12 +288,13 @@ def tune_stage(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResu
                                       "proposed_only": [p.to_dict() for p in fixed]}, "proposals.json")
     ctx.tracker.set_tags(run.run_id, {"proposal_source": source})
     log.info("tune: %d proposal(s) from %s: %s", len(proposals), source, [p.config for p in proposals])
-    before = trial_runs(client, ctx.tracker.experiment_id, run.key)
+    search = resume_key(ctx, run)  # the trials' tag tune_key, and the search's name
+    before = trial_runs(client, ctx.tracker.experiment_id, search)
     with distill_setup(stage, ctx, teachers, run) as (spec, plan):
         setup = TrialSetup(cfg, spec, space, budget_epochs(cfg), max(1, int(cfg.config_manager.cpus_per_trial)),
-                           ctx.tracker.tracking_uri, ctx.tracker.experiment_id, run.run_id, run.key, stage.name,
+                           ctx.tracker.tracking_uri, ctx.tracker.experiment_id, run.run_id, search, stage.name,
                            list(plan.pools), plan.cache)
-        name = f"{cfg.experiment}-{stage.name}-{run.key}"
+        name = f"{cfg.experiment}-{stage.name}-{search}"
         tuner, restored = make_tuner(setup, [p.config for p in proposals], name, ctx.storage_path)
         grid = tuner.fit()
     ctx.tracker.set_tags(run.run_id, {"restored": str(restored).lower()})

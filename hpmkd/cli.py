@@ -8,6 +8,7 @@
     hpmkd models
     hpmkd cache list|clear [--dir DIR] [--older-than 7d]
     hpmkd report [--tracking-uri URI] [--experiment NAME ...] [--out DIR] [--log]
+    hpmkd ablate CONFIG --seeds N [--components NAME ...] [--output DIR] [--tracking-uri URI] [--set ...]
 
 Ray and MLflow are imported only by the commands that need them, so ``validate`` answers in about a second.
 """
@@ -20,6 +21,7 @@ import os
 import signal
 import sys
 
+from hpmkd.ablation import COMPONENTS
 from hpmkd.registry import ConfigError
 
 DEFAULT_CACHE_DIR = "hpmkd_runs/logit_cache"
@@ -63,6 +65,18 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="folder for report.md and the figures (default: report)")
     report.add_argument("--log", action="store_true",
                         help="also log the report to MLflow (one run tagged kind=report per experiment)")
+
+    ablate = sub.add_parser("ablate", help="run the full pipeline and each single-component removal over seeds, "
+                            "then write the ablation table (docs/ablation.md)")
+    ablate.add_argument("config")
+    ablate.add_argument("--seeds", type=int, required=True, metavar="N", help="run seeds 0 .. N-1")
+    ablate.add_argument("--components", nargs="+", metavar="NAME",
+                        help=f"the components to remove, one at a time (default: all: {' '.join(COMPONENTS)})")
+    ablate.add_argument("--output", default="ablation",
+                        help="folder for ablation.md, ablation.csv, ablation.json and the figures (default: ablation)")
+    ablate.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db")
+    ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config key of every variant (repeatable)")
     return p
 
 
@@ -160,6 +174,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from components.report.ablation_files import ablation_markdown
+    from pipelines.ablate import plan_ablation, run_ablation
+
+    plan = plan_ablation(args.config, args.seeds, args.components, args.overrides)  # fails before Ray starts
+    signal.signal(signal.SIGTERM, interrupt)  # as in `run`: the open MLflow runs become KILLED
+    result = run_ablation(plan, args.output, tracking_uri=args.tracking_uri)
+    print(ablation_markdown(result.table, {}))
+    print(f"\nFiles: {', '.join(str(f) for f in result.files)}")
+    print(f"MLflow: ablation run {result.run_id} (kind=ablation) in {result.tracking_uri}")
+    for failed in result.failed:
+        print(f"FAILED: {failed.variant} seed {failed.seed} (run {failed.run_id or '-'}): {failed.error}", file=sys.stderr)
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed; rerun the same command to retry them (finished runs are skipped).",
+              file=sys.stderr)
+    return 1 if result.failed else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from hpmkd.models import MODELS, list_models
 
@@ -174,7 +206,7 @@ def is_server(uri: str) -> bool:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "models": cmd_models, "cache": cmd_cache,
-            "report": cmd_report}
+            "report": cmd_report, "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

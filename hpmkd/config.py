@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hpmkd.ablation import ComponentsConfig
 from hpmkd.config_schema import convert, from_dict, join, set_path, to_dict
 from hpmkd.registry import ConfigError, did_you_mean
 from hpmkd.search_space import ConfigManagerConfig, build_space
@@ -327,6 +328,8 @@ class ExperimentConfig:
     ``reuse``: a stage whose content key (settings, inputs, data fingerprint, code version) matches a finished stage
     run in the MLflow store is not recomputed; its recorded outputs are reused. ``config_manager``: a ``tune``
     stage that proposes and searches the distillation configuration (:class:`hpmkd.search_space.ConfigManagerConfig`).
+    ``components``: HPM-KD's six components as switches; one that is ``false`` is replaced by its plain counterpart
+    when the run starts (:func:`hpmkd.ablation.effective_config`).
     """
 
     experiment: str
@@ -342,6 +345,7 @@ class ExperimentConfig:
     config_manager: ConfigManagerConfig = field(default_factory=ConfigManagerConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
     smskd: SmskdConfig = field(default_factory=SmskdConfig)
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
     output_dir: str = "hpmkd_runs"
     cache_dir: str | None = None
     reuse: bool = True

@@ -1,5 +1,6 @@
 """``takd``: the teachers' knowledge passed down a chain of teacher assistants to the student (TAKD, METHODS §5.6;
-HPM-KD's progressive chain, §3.2), and :func:`chain_stages`, the one chain builder every chain pipeline uses.
+HPM-KD's progressive chain, §3.2), and :func:`chain_stages`, the one chain builder every chain pipeline uses
+(``takd``, and ``hpmkd`` whose links also keep the teachers, :mod:`pipelines.hpmkd`).
 
 Graph::
 
@@ -44,23 +45,27 @@ def plan_for(cfg: ExperimentConfig) -> ChainPlan:
                       scale=cfg.chain.scale, max_steps=cfg.chain.max_steps)
 
 
-def chain_stages(cfg: ExperimentConfig, teachers: list[Stage]) -> list[Stage]:
-    """``chain_plan``, the assistants ``assistant_<i>`` and the student ``distill`` (module docstring). Without
-    assistants the student's stage is exactly ``kd``'s ``distill`` (same settings, so the same content key)."""
+def chain_stages(cfg: ExperimentConfig, teachers: list[Stage], keep_teachers: bool = False) -> list[Stage]:
+    """``chain_plan``, the assistants ``assistant_<i>`` and the student ``distill`` (module docstring). Each link
+    distils from the previous link (the first from ``teachers``); with ``keep_teachers`` every later link distils
+    from ``teachers`` and the previous link together (HPM-KD, :mod:`pipelines.hpmkd`). Without assistants the
+    student's stage is exactly ``kd``'s ``distill`` (same settings, so the same content key)."""
     plan = plan_for(cfg)
     log.info("chain plan (%d steps):\n%s\n%s", plan.steps, plan.table(), plan.why)
     stages = [Stage("chain_plan", "chain_plan", params={"plan": plan.as_dict()}, cpus=0.0)]
-    previous = [t.name for t in teachers]
+    first = [t.name for t in teachers]
+    previous = first
     for i, assistant in enumerate(plan.assistants, start=1):
         chain = {"index": i, "steps": plan.steps}
         if i > FIRST_TESTED_LINK and cfg.chain.epsilon is not None:  # only these can be skipped by the ε rule
             chain["epsilon"] = cfg.chain.epsilon
         params = {"model": assistant.model.model, "options": assistant.model.options, "teachers": previous,
                   "chain": chain}
-        stages.append(Stage(f"assistant_{i}", "distill", deps=previous, params=params, cpus=distill_cpus(cfg)))
-        previous = [f"assistant_{i}"]
+        stages.append(Stage(f"assistant_{i}", "distill", deps=previous, params=params,
+                            cpus=distill_cpus(cfg, len(previous))))
+        previous = [*first, f"assistant_{i}"] if keep_teachers else [f"assistant_{i}"]
     student = {"teachers": previous} if plan.assistants else {}
-    stages.append(Stage("distill", "distill", deps=previous, params=student, cpus=distill_cpus(cfg)))
+    stages.append(Stage("distill", "distill", deps=previous, params=student, cpus=distill_cpus(cfg, len(previous))))
     return stages
 
 

@@ -31,11 +31,12 @@ def baseline_stages(cfg: ExperimentConfig) -> list[Stage]:
     return [Stage("student_alone", "train_student", cpus=cfg.ray.num_workers * cfg.ray.cpus_per_worker)]
 
 
-def distill_cpus(cfg: ExperimentConfig) -> float:
-    """CPUs a distillation stage holds at its peak: its Train workers plus the teacher actors (replicas too) while they
-    serve batches online; when the cache serves the logits, the actors fill it and are released before the workers
-    start, so the peak is the larger of the two."""
+def distill_cpus(cfg: ExperimentConfig, teachers: int | None = None) -> float:
+    """CPUs a distillation stage holds at its peak: its Train workers plus the actors of its ``teachers`` models
+    (default: the config's teachers; replicas too) while they serve batches online; when the cache serves the
+    logits, the actors fill it and are released before the workers start, so the peak is the larger of the two."""
     workers = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    actors = len(cfg.teachers) * cfg.ray.teacher_replicas * cfg.ray.teacher_cpus
+    count = len(cfg.teachers) if teachers is None else teachers
+    actors = count * cfg.ray.teacher_replicas * cfg.ray.teacher_cpus
     online = choose_source(cfg.distill, cfg.data.augment, needs_features=False) == "online"
     return workers + actors if online else max(workers, actors)

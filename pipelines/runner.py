@@ -23,6 +23,7 @@ from components.scheduler import run_graph
 from components.stages import ExperimentContext, execute
 from components.tracking import Tracker, default_tracking_uri
 from hpmkd import checkpoint
+from hpmkd.ablation import effective_config
 from hpmkd.config import ExperimentConfig
 from hpmkd.data import load_dataset
 from hpmkd.models import create_model, load_state_checked
@@ -61,9 +62,14 @@ def run_experiment(
     tracking_uri: str | None = None,
     output: str | None = None,
     ray_init: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg`` and return the results dict (also written as JSON to ``output`` when given)."""
+    """Run ``cfg`` and return the results dict (also written as JSON to ``output`` when given). Components switched
+    off in ``cfg.components`` are replaced first (:func:`hpmkd.ablation.effective_config`): the stages, the scheduler
+    and the parent run's params all see that effective config. ``tags`` are added to the parent run's (``hpmkd
+    ablate`` marks its variants so)."""
     began = time.perf_counter()
+    cfg = effective_config(cfg)
     stages = build_stages(cfg)
     splits = preflight(cfg)
     tracking_uri = tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri()
@@ -77,7 +83,8 @@ def run_experiment(
 
     with tracker.run(
         f"{cfg.pipeline}-seed{cfg.seed}",
-        {"kind": "pipeline", "pipeline": cfg.pipeline, "data_fingerprint": splits.fingerprint, "seed": str(cfg.seed)},
+        {**(tags or {}), "kind": "pipeline", "pipeline": cfg.pipeline, "data_fingerprint": splits.fingerprint,
+         "seed": str(cfg.seed)},
     ) as parent, orphans.heartbeat(tracker.client, parent):
         tracker.log_params(parent, cfg.as_dict())
         tracker.log_text(parent, yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")

@@ -33,3 +33,18 @@ def ray_session():
 def tracking_uri(tmp_path):
     """A fresh, real MLflow SQLite store for one test."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def train_digits_teacher(folder, hidden: int, depth: int, epochs: int) -> str:
+    """An MLP teacher for scikit-learn's digits, trained in-process (no Ray), saved as a state in ``folder``; its path."""
+    from hpmkd import checkpoint
+    from hpmkd.config import DataConfig, ModelConfig, TrainConfig
+    from hpmkd.training import StageEnv, StageSpec, train_stage
+
+    states = []
+    spec = StageSpec("teacher", 0, DataConfig(name="digits"), ModelConfig("mlp", {"hidden": hidden, "depth": depth}),
+                     TrainConfig(epochs=epochs, batch_size=64))
+    train_stage(spec, StageEnv(report=lambda metrics, state: states.append(state)))
+    path = folder / checkpoint.STATE_FILE
+    checkpoint.save_atomic(states[-1], path)
+    return str(path)

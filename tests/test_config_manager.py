@@ -18,10 +18,10 @@ import pytest
 from mlflow import MlflowClient
 
 from components.config_manager import fixed_for, memory_records, proposals_for
+from conftest import train_digits_teacher
 from components.memory import recall, student_params, task_features
 from components.scheduler import StageResult
 from components.tracking import child_runs
-from hpmkd import checkpoint
 from hpmkd.config import DataConfig, ModelConfig, TrainConfig, load_config
 from hpmkd.data import load_dataset
 from hpmkd.meta_features import TaskFeatures
@@ -39,13 +39,7 @@ PUBLISHED = {"T": 4.0, "kd_share": 0.9, "lr": 0.05, "weight_decay": 5e-4}
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory) -> str:
     """A small MLP teacher for scikit-learn's digits, trained here in-process (no Ray) and saved as a state."""
-    states = []
-    spec = StageSpec("teacher", 0, DataConfig(name="digits"), ModelConfig("mlp", {"hidden": 128, "depth": 2}),
-                     TrainConfig(epochs=4, batch_size=64))
-    train_stage(spec, StageEnv(report=lambda metrics, state: states.append(state)))
-    path = tmp_path_factory.mktemp("teacher") / checkpoint.STATE_FILE
-    checkpoint.save_atomic(states[-1], path)
-    return str(path)
+    return train_digits_teacher(tmp_path_factory.mktemp("teacher"), hidden=128, depth=2, epochs=4)
 
 
 def test_a_search_trial_never_reads_the_test_split():

@@ -7,6 +7,7 @@ display needed, safe to call from any thread.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,14 @@ class Line:
 class Panel:
     title: str
     lines: list[Line]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One group's value per seed (e.g. a variant's test accuracy), drawn as its mean ± sample std."""
+
+    label: str
+    values: dict[str, float]  # seed -> value
 
 
 @dataclass(frozen=True)
@@ -111,4 +120,31 @@ def timeline(bars: list[Bar], path: Path) -> Path:
     if any(b.reused for b in bars):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="reused"))
     ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save(fig, path)
+
+
+def spreads(groups: list[Spread], path: Path, ylabel: str, reference: float | None = None) -> Path:
+    """Per group (left to right): each seed's value as a dot, one colour and offset per seed across groups (so equal
+    values stay visible), and the mean ± sample std as a black error bar beside them; an optional dashed horizontal
+    line at ``reference``."""
+    fig = Figure(figsize=(max(5.0, 1.3 * len(groups) + 2.5), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    seeds = list(dict.fromkeys(s for g in groups for s in g.values))
+    colours = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
+    offsets = {s: -0.3 + 0.3 * i / max(1, len(seeds) - 1) for i, s in enumerate(seeds)}
+    for x, group in enumerate(groups):
+        values = list(group.values.values())
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        ax.errorbar(x + 0.2, statistics.fmean(values), yerr=std, fmt="D", color="black", capsize=5, markersize=5)
+        for seed, value in group.values.items():
+            ax.scatter(x + offsets[seed], value, color=colours[seed], s=30, zorder=3)
+    for seed, colour in colours.items():  # legend: one entry per seed
+        ax.scatter([], [], color=colour, s=30, label=f"seed {seed}")
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(groups)), [g.label for g in groups], rotation=20, ha="right")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small", title="◆ mean ± std", title_fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save(fig, path)

@@ -59,6 +59,7 @@ class PipelineRecord:
     end_ms: int | None
     metrics: dict[str, float]
     params: dict[str, str]
+    tags: dict[str, str]
     error: str | None
     stages: tuple[StageRecord, ...]
 
@@ -163,6 +164,7 @@ def pipeline_record(run: Any, stages: list[StageRecord]) -> PipelineRecord:
         end_ms=run.info.end_time,
         metrics=dict(run.data.metrics),
         params=dict(run.data.params),
+        tags=dict(tags),
         error=tags.get("error"),
         stages=tuple(sorted(stages, key=lambda s: s.start_ms)),
     )

@@ -15,9 +15,11 @@ from typing import Callable, TypeVar
 from mlflow import MlflowClient
 
 from components.report import plots
+from components.report.ablation import ablation_ids, ablation_table
+from components.report.ablation_files import ablation_markdown, draw
 from components.report.plots import Bar, Line, Panel, Point
 from components.report.records import TERMINAL_FAILURES, ExperimentRecords, PipelineRecord, StageRecord, series
-from components.report.tables import COLUMNS, config_groups, markdown_table, mean_std
+from components.report.tables import COLUMNS, config_groups, image, markdown_table, mean_std
 
 #: figures show at most this many series panels / pipeline runs (the newest); the tables list every run
 MAX_PANELS = 12
@@ -67,10 +69,6 @@ def section(title: str) -> Callable[[Render], Render]:
     return add
 
 
-def image(path: Path, title: str) -> str:
-    return f"![{title}]({path.name})"
-
-
 def utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -96,6 +94,19 @@ def runs_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
              *(mean_std([v for v in map(c.value, runs) if v is not None], c) for c in COLUMNS)] for g, runs in seeded]
     parts.append("Mean ± std over seeds (sample std; the newest finished run of each seed):\n\n"
                  + markdown_table(["config", "seeds", "n", *(c.title for c in COLUMNS)], rows))
+    return "\n\n".join(parts)
+
+
+@section("Ablation")
+def ablation_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
+    """The table of each ablation (``hpmkd ablate``) with pipeline runs in the experiment, from those runs."""
+    ids = ablation_ids(exp)
+    if not ids:
+        return "No ablation in this experiment (`hpmkd ablate`, see docs/ablation.md)."
+    parts = []
+    for ablation_id in ids:
+        table = ablation_table(exp, ablation_id)
+        parts.append(ablation_markdown(table, draw(table, lambda name: ctx.figure(exp, f"{name}-{ablation_id}"))))
     return "\n\n".join(parts)
 
 

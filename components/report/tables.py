@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, TypeVar
 
 from components.report.records import PipelineRecord
 
 #: params that do not change what a run computes: the seed (varied on purpose) and storage locations
 PLACE_KEYS = ("seed", "output_dir", "cache_dir", "data.root", "ray.address", "ray.storage_path")
 PLACE_PREFIXES = ("mlflow.",)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,15 @@ def seed_order(seed: str) -> tuple[int, str]:
     return (int(seed), "") if seed.lstrip("-").isdigit() else (0, seed)
 
 
+def comparable(params: Mapping[str, T]) -> dict[str, T]:
+    """``params`` (flattened config keys) without the seed and the storage locations (:data:`PLACE_KEYS`,
+    :data:`PLACE_PREFIXES`): what decides whether two runs have the same configuration."""
+    return {k: v for k, v in params.items() if k not in PLACE_KEYS and not k.startswith(PLACE_PREFIXES)}
+
+
 def identity(p: PipelineRecord) -> tuple[tuple[str, str], ...]:
     """What defines a run's configuration: its pipeline and its params minus :data:`PLACE_KEYS`."""
-    kept = {k: v for k, v in p.params.items() if k not in PLACE_KEYS and not k.startswith(PLACE_PREFIXES)}
-    return tuple(sorted({**kept, "pipeline": p.pipeline}.items()))
+    return tuple(sorted({**comparable(p.params), "pipeline": p.pipeline}.items()))
 
 
 def config_groups(pipelines: Sequence[PipelineRecord]) -> list[ConfigGroup]:
@@ -105,6 +113,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def image(path: Path, title: str) -> str:
+    """A Markdown image of the figure ``path``, which lies next to the Markdown file."""
+    return f"![{title}]({path.name})"
 
 
 def cell(text: str) -> str:
