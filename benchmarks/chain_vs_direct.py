@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from components.tracking import child_runs, default_tracking_uri
 from hpmkd.config import load_config
-from kd_vs_alone import mean_std
+from kd_vs_alone import add_seeded_run_args, mean_std, seeds_of
 from pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,13 +47,10 @@ def distilled(client: MlflowClient, parent_id: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "conf" / "takd.yaml"))
-    ap.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     ap.add_argument("--max-gap", type=float, default=4.0, help="chain.max_gap of the planned chains")
-    ap.add_argument("--quick", action="store_true", help="one seed, a tiny subset, 2 epochs per step")
-    ap.add_argument("--tracking-uri", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    add_seeded_run_args(ap, "one seed, a tiny subset, 2 epochs per step")
     args = ap.parse_args()
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    seeds = seeds_of(args)
     uri = args.tracking_uri or default_tracking_uri()
     common = [*(QUICK if args.quick else []), *args.overrides, "experiment=chain-vs-direct", "distill.baseline=false",
               f"chain.max_gap={args.max_gap}"]

@@ -23,6 +23,19 @@ from pipelines.runner import run_experiment
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def add_seeded_run_args(ap, quick_help: str) -> None:
+    """The options every seeded benchmark shares: ``--seeds``, ``--quick``, ``--tracking-uri``, ``--set``."""
+    ap.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+
+
+def seeds_of(args) -> list[int]:
+    """The seeds a benchmark runs: ``--seeds``, else 0 1 2 (0 with ``--quick``)."""
+    return args.seeds or ([0] if args.quick else [0, 1, 2])
+
+
 def mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values) * 100:.2f} ± {spread * 100:.2f}"
