@@ -137,12 +137,15 @@ def test_attention_terms_match_their_equations_and_gradients_reach_the_network()
     mixed = np.einsum("bm,mbc->bc", a, LOGITS)
     ce = -np.log(np_softmax(mixed, axis=-1))[np.arange(2), LABELS].mean()
     np.testing.assert_allclose(out.terms["attn_label"].item(), 2.0 * ce, rtol=1e-5)
-    assert out.weights.requires_grad
-    (out.weights[:, 0].sum() + sum(out.terms.values())).backward()
+    assert not out.weights.requires_grad  # the KD methods see detached weights by default
+    sum(out.terms.values()).backward()
     assert aggregator.embeddings.grad is not None and aggregator.embeddings.grad.abs().sum() > 0
     assert all(p.grad is not None for p in aggregator.parameters())
-    pure = run(build("attention", label_weight=0.0, beta=0.0), x=x)
+    pure = run(build("attention", label_weight=0.0, beta=0.0, learn_from_kd=True), x=x)
     assert pure.terms == {}
+    assert pure.weights.requires_grad  # the paper's form: the KD loss trains the weights
+    with pytest.raises(ConfigError, match="nothing trains the weights"):
+        build("attention", label_weight=0.0, beta=0.0)
 
 
 def test_attention_pools_image_inputs():
