@@ -5,8 +5,8 @@ CNN, 103k, and the MLP, 670k, trained once per seed and reused from the MLflow m
 20 epochs per model; weights are selected on validation and the test split is read once per model.
 
 * **HPM-KD**: the full pipeline of ``conf/default.yaml`` (configuration manager, chain, attention, meta T). Taken
-  from the store's ``hpmkd ablate`` run of that seed when there is one (``ablation_variant=full``), else run here
-  after the baselines (which train the seed's teachers first).
+  from the store's ``hpmkd ablate`` of the same config (same ablation id), its full run of that seed, when there is
+  one, else run here after the baselines (which train the seed's teachers first).
 * **student alone**: that run's ``student_alone`` stage.
 * the baselines, each with its published recipe (no search), all from ``conf/default.yaml`` with the overrides in
   :data:`BASELINES`: Hinton KD from the CNN teacher; KD from the mean of both teachers' logits; TAKD (the same
@@ -34,10 +34,10 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from components.report.ablation import FULL, VARIANT_TAG
-from components.tracking import child_runs, default_tracking_uri
+from components.tracking import Tracker, child_runs, default_tracking_uri
 from hpmkd.config import ExperimentConfig, load_config
 from kd_vs_alone import add_seeded_run_args, mean_std, seeds_of
+from pipelines.ablate import Variant, finished_run, plan_ablation
 from pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,14 +88,6 @@ def row_of(client: MlflowClient, parent_id: str, stage: str = "distill") -> Row:
     return Row(student["test_acc"], student["params"], best.data.metrics["test_acc"], best.data.metrics["params"])
 
 
-def ablation_full_run(client: MlflowClient, experiment_id: str, seed: int) -> str | None:
-    """The newest FINISHED ``hpmkd ablate`` full-pipeline run of ``seed`` in the experiment, if any."""
-    runs = client.search_runs([experiment_id], f"tags.kind = 'pipeline' and tags.{VARIANT_TAG} = '{FULL}' and "
-                              f"tags.seed = '{seed}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def teachers_override(cfg: ExperimentConfig, which: str) -> str:
     """``teachers=[...]`` with every teacher (``all``) or the one named ``which``, exactly as the config has them (so
     the teacher stages keep their content keys and are reused)."""
@@ -125,10 +117,11 @@ def main() -> None:
                                                 "config_manager.enabled=false", "distill.baseline=false"])
             summary = run_experiment(run_cfg, tracking_uri=uri, tags={"baseline": label})
             parents.setdefault(label, []).append((summary["parent_run_id"], "distill"))
+    plan = plan_ablation(args.config, max(seeds) + 1, components=[], overrides=common)  # the same config's ablation
+    tracker = Tracker(uri, plan.base.experiment, plan.base.mlflow.artifact_root)
     for seed in seeds:
         cfg = load_config(args.config, [*common, f"seed={seed}"])
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        full = ablation_full_run(client, experiment.experiment_id, seed)
+        full = finished_run(plan, tracker, Variant(None), seed)
         if full is None:
             full = run_experiment(cfg, tracking_uri=uri)["parent_run_id"]
         parents.setdefault(HPMKD, []).append((full, "distill"))
