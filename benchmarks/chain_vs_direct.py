@@ -21,10 +21,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from components.tracking import child_runs, default_tracking_uri
+from hpmkd.components.tracking import child_runs, default_tracking_uri
 from hpmkd.config import load_config
 from kd_vs_alone import add_seeded_run_args, mean_std, seeds_of
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 #: compression label -> the student's options (a ``cnn`` with a stride-2 stem, like the teacher)

@@ -35,9 +35,10 @@ from typing import Any
 from mlflow import MlflowClient
 
 from hpmkd import checkpoint
-from hpmkd.config import DataConfig, ModelConfig, TrainConfig, config_from_data
+from hpmkd.config import DataConfig, TrainConfig, config_from_data
 from hpmkd.training import StageEnv, StageSpec, train_stage
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
+from hpmkd.models.ref import ModelRef
 
 FAMILY = "cm-family"
 TARGET = "cm-target"
@@ -72,7 +73,7 @@ def teacher_checkpoint(task: Task, seed: int, epochs: int, folder: Path) -> str:
     """The task's teacher trained here, in-process, on the task's data split by ``seed`` (once per teacher and seed):
     the benchmark measures the configuration manager, so its teachers are given as checkpoints (``load_teacher``)
     rather than trained by a Ray Train stage in every run."""
-    spec = StageSpec("teacher", seed, DataConfig(**task.data), ModelConfig(**task.teacher), TrainConfig(epochs=epochs, batch_size=64))
+    spec = StageSpec("teacher", seed, DataConfig(**task.data), ModelRef(**task.teacher), TrainConfig(epochs=epochs, batch_size=64))
     path = folder / "teachers" / f"{hashlib.sha256(repr(spec).encode()).hexdigest()[:16]}.pt"
     if not path.exists():
         states: list[dict[str, Any]] = []

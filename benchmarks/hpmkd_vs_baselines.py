@@ -34,11 +34,11 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from components.tracking import Tracker, child_runs, default_tracking_uri
+from hpmkd.components.tracking import Tracker, child_runs, default_tracking_uri
 from hpmkd.config import ExperimentConfig, load_config
 from kd_vs_alone import add_seeded_run_args, mean_std, seeds_of
-from pipelines.ablate import Variant, finished_run, plan_ablation
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.ablate import Variant, finished_run, plan_ablation
+from hpmkd.pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 BEST_TEACHER = "cnn"  # the teacher the single-teacher baselines use (the best one by test accuracy, every seed)

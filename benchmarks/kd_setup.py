@@ -18,21 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from components.logit_cache import ensure_cached
-from components.ray_runtime import ensure_ray
-from components.teacher_service import TeacherPool, TeacherSpec, start_teacher_actors
-from hpmkd.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+from hpmkd.components.logit_cache import ensure_cached
+from hpmkd.components.ray_runtime import ensure_ray
+from hpmkd.components.teacher_service import TeacherPool, start_teacher_actors
+from hpmkd.config import DataConfig, DistillConfig, TrainConfig
 from hpmkd.data import DataSplits, iterate_batches, load_dataset
 from hpmkd.models import create_model
-from hpmkd.teachers import TeacherSource
-from hpmkd.training import StageEnv, StageSpec, build_model, make_objective, request_teachers, train_stage
+from hpmkd.teachers import TeacherSource, TeacherSpec
+from hpmkd.training import StageEnv, StageSpec, make_objective, request_teachers, train_stage
+from hpmkd.models.ref import DataShape, ModelRef
 
-STUDENT = ModelConfig("cnn", {"width": 9, "stem_stride": 2})
-TEACHER = ModelConfig("cnn_small", {})
+STUDENT = ModelRef("cnn", {"width": 9, "stem_stride": 2})
+TEACHER = ModelRef("cnn_small", {})
 BATCH = 128
 
 
-def build(cfg: ModelConfig) -> torch.nn.Module:
+def build(cfg: ModelRef) -> torch.nn.Module:
     return create_model(cfg.model, num_classes=10, in_channels=1, input_shape=(1, 28, 28), **cfg.options)
 
 
@@ -52,7 +53,7 @@ def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def cost_ratios(teacher: ModelConfig = TEACHER, student: ModelConfig = STUDENT) -> dict[str, float]:
+def cost_ratios(teacher: ModelRef = TEACHER, student: ModelRef = STUDENT) -> dict[str, float]:
     """Per batch of 128: forward FLOPs of both, and on one thread the measured teacher forward, student forward and
     student training step (ms)."""
     torch.set_num_threads(1)
@@ -98,9 +99,9 @@ def save_teachers(count: int, folder: Path) -> tuple[list[TeacherSpec], list[str
     folder.mkdir(parents=True, exist_ok=True)
     specs, paths, nets = [], [], []
     for i in range(count):
-        spec = TeacherSpec(f"t{i}", TEACHER, 10, (1, 28, 28))
+        spec = TeacherSpec(f"t{i}", TEACHER, DataShape(10, (1, 28, 28)))
         torch.manual_seed(i)
-        net = spec.build().eval()
+        net = spec.model.build(spec.shape).eval()
         path = folder / f"t{i}.pt"
         torch.save(net.state_dict(), path)
         specs.append(spec)
@@ -130,7 +131,7 @@ def fill_cache(pools: list[TeacherPool], specs: list[TeacherSpec], weights: list
     """Cache entries ``[view][teacher]`` for the plain training split, computed by the actors ``pools``, and the
     seconds it took."""
     began = time.perf_counter()
-    uses = ensure_cached(pools, specs, weights, splits.train.x, root=str(root), fingerprint=splits.fingerprint,
+    uses = ensure_cached(pools, specs, weights, splits.train, root=str(root), fingerprint=splits.fingerprint,
                          dtype=dtype)
     return [[u.path for u in per_view] for per_view in uses], time.perf_counter() - began
 
@@ -145,7 +146,7 @@ def first_batch_loss(spec: StageSpec, teachers: TeacherSource) -> float:
     """The distillation loss of the freshly initialised student on epoch 0's first batch, served by ``teachers``."""
     splits = load(spec.data, spec.seed)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, splits)
+    model = spec.model.build(splits.shape)
     objective = make_objective(spec, model, splits)
     x, y, idx = next(iterate_batches(splits.train, BATCH, shuffle=True, seed=spec.seed, epoch=0))
     env = StageEnv(teachers=teachers)

@@ -4,7 +4,7 @@
 
 Both run :func:`hpmkd.training.train_stage` on the same spec (default student, KD from one cached ``cnn_small``
 teacher, 20,000 Fashion-MNIST images, batch 128, one thread): once in this process (no checkpoints, no tracking),
-once as a stage does it, through :func:`components.stage_runner.run_training_stage` (a ``TorchTrainer`` with one
+once as a stage does it, through :func:`hpmkd.components.stage_runner.run_training_stage` (a ``TorchTrainer`` with one
 worker, a full checkpoint persisted every epoch, per-epoch metrics logged to a real MLflow SQLite store, the
 selected weights copied out at the end). The cache is filled first and read by both. Reported: wall time of each
 (data loading and the final test evaluation included in both), their sum of epoch times (the steady-state
@@ -23,9 +23,9 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from components.logit_cache import CachedTeachers
-from components.stage_runner import run_training_stage
-from components.teacher_service import release
+from hpmkd.components.logit_cache import CachedTeachers
+from hpmkd.components.stage_runner import run_training_stage
+from hpmkd.components.teacher_service import release
 from hpmkd.config import RayConfig
 from hpmkd.training import StageEnv, train_stage
 from kd_setup import STUDENT, TEACHER, data_config, distill_spec, fill_cache, load, save_teachers, start_ray, start_teachers

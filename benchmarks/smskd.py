@@ -26,10 +26,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from components.tracking import child_runs, default_tracking_uri
+from hpmkd.components.tracking import child_runs, default_tracking_uri
 from hpmkd.config import load_config
 from kd_vs_alone import add_seeded_run_args, mean_std, seeds_of
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 #: method -> its recipe (the distill keys it sets): the same alone and as an SMSKD stage
@@ -82,7 +82,7 @@ def main() -> None:
     uri = args.tracking_uri or default_tracking_uri()
     common = [*(QUICK if args.quick else []), *args.overrides, "experiment=smskd-benchmark", "distill.baseline=false"]
     parents: dict[str, list[str]] = {}
-    stage_epochs = load_config(args.config, common).distill_train().epochs
+    stage_epochs = load_config(args.config, common).recipe().train.epochs
     for seed in seeds:
         for row, (methods, budgets) in ROWS.items():
             cfg = load_config(args.config, [*common, f"seed={seed}", *overrides(methods, budgets, stage_epochs)])

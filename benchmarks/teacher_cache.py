@@ -22,8 +22,8 @@ from pathlib import Path
 
 import ray
 
-from components.logit_cache import CachedTeachers
-from components.teacher_service import ActorTeachers, release
+from hpmkd.components.logit_cache import CachedTeachers
+from hpmkd.components.teacher_service import ActorTeachers, release
 from hpmkd.teachers import LocalTeachers
 from kd_setup import (cost_ratios, data_config, distill_spec, epoch_seconds, fill_cache, first_batch_loss, load,
                       print_costs, save_teachers, start_ray, start_teachers)

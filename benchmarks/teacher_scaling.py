@@ -24,8 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ray  # noqa: E402
 
-from components.logit_cache import CachedTeachers  # noqa: E402
-from components.teacher_service import release  # noqa: E402
+from hpmkd.components.logit_cache import CachedTeachers  # noqa: E402
+from hpmkd.components.teacher_service import release  # noqa: E402
 from hpmkd.teachers import LocalTeachers  # noqa: E402
 from kd_setup import (TEACHER, cost_ratios, data_config, distill_spec, epoch_seconds, fill_cache, load,  # noqa: E402
                       print_costs, save_teachers, start_ray, start_teachers)

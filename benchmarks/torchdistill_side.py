@@ -25,7 +25,7 @@ from torchdistill.core.distillation import get_distillation_box
 
 from hpmkd.data import load_dataset
 from hpmkd.models import create_model
-from hpmkd.training import evaluate
+from hpmkd.evaluation import evaluate
 
 
 def main(settings_path: str, result_path: str) -> None:

@@ -94,7 +94,7 @@ def hpmkd_settings(data, epochs: int, teacher_path: str) -> dict:
 
 
 def run_hpmkd(data, epochs: int, teacher: Path, folder: Path) -> dict:
-    from pipelines.runner import run_experiment
+    from hpmkd.pipelines.runner import run_experiment
 
     settings = hpmkd_settings(data, epochs, str(teacher)) | {"output_dir": str(folder / "runs")}
     uri = f"sqlite:///{folder / 'mlflow.db'}"

@@ -13,7 +13,8 @@ What is submitted (``--dry-run`` prints exactly this, as JSON, without contactin
   nodes only need the dependencies (``pip install -e .`` or the image built from ``cluster/Dockerfile``).
 * ``runtime_env.working_dir``: this repository. Ray uploads it (skipping ``.git``, ``.venv`` and what
   ``.gitignore`` lists, plus the local run outputs in :data:`EXCLUDES`) and every Ray process of the job imports
-  ``hpmkd``, ``components`` and ``pipelines`` from it.
+  ``hpmkd`` (with ``hpmkd.components`` and ``hpmkd.pipelines``, mapped onto the upload's ``components/`` and
+  ``pipelines/`` by :class:`hpmkd.CheckoutFolders`) from it.
 * ``runtime_env.env_vars``: ``MLFLOW_TRACKING_URI``, any ``--env KEY=VALUE``, and ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1``.
   The last one is needed: ``hpmkd run`` calls ``ray.init(runtime_env={"env_vars": {...}})`` with
   ``MLFLOW_TRACKING_URI`` and its Ray Train settings, and Ray refuses to merge a job's runtime env with a driver's

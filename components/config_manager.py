@@ -1,6 +1,6 @@
 """The adaptive configuration manager's first step: what to try first for a new distillation task.
 
-It reads the optimisation memory (:func:`components.memory.recall`: every finished distillation in the MLflow store,
+It reads the optimisation memory (:func:`hpmkd.components.memory.recall`: every finished distillation in the MLflow store,
 or in ``config_manager.memory_experiments``) unless ``config_manager.memory`` is off, and asks
 :func:`hpmkd.proposals.propose` for ``config_manager.proposals`` starting configurations (published defaults with no
 usable history, nearest neighbours while it is small, a regressor once it is large), plus a value for each
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from components.memory import recall
+from hpmkd.components.memory import recall
 from hpmkd.config import ExperimentConfig
 from hpmkd.meta_features import TaskFeatures
 from hpmkd.proposals import MemoryRecord, Proposal, ProposerSettings, propose, propose_value
@@ -20,7 +20,7 @@ from hpmkd.search_space import SearchSpace, proposed_only
 
 def budget_epochs(cfg: ExperimentConfig) -> int:
     """Epochs per trial: ``config_manager.budget_epochs``, or the distillation stage's epochs."""
-    return cfg.config_manager.budget_epochs or cfg.distill_train().epochs
+    return cfg.config_manager.budget_epochs or cfg.recipe().train.epochs
 
 
 def memory_records(cfg: ExperimentConfig, client: MlflowClient) -> list[MemoryRecord]:

@@ -22,13 +22,13 @@ import numpy as np
 import ray
 import torch
 
-from components.teacher_service import TeacherPool, TeacherSpec
+from hpmkd.components.teacher_service import TeacherPool
 from hpmkd.checkpoint import file_digest
-from hpmkd.config_schema import to_dict
+from hpmkd.data.source import BatchSource
 from hpmkd.data.views import PLAIN, ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.logit_cache import DTYPES, CachedLogits, CacheKey, entry_path, lookup, write_entry
-from hpmkd.teachers import Pending
+from hpmkd.teachers import Pending, TeacherSpec
 
 BATCH = 1024  # rows per actor call while filling: large enough that the RPC cost (~1-5 ms) is negligible
 IN_FLIGHT = 2  # outstanding requests per replica while filling: one computing, one queued behind it
@@ -47,8 +47,8 @@ class CacheUse:
 
 def teacher_key(spec: TeacherSpec, weights_path: str, fingerprint: str, split: str, view: str, dtype: str,
                 top_k: int | None, taps: Sequence[str] = ()) -> CacheKey:
-    model = f"{spec.model.model}:{sorted(to_dict(spec.model.options).items())}:{spec.num_classes}:{spec.input_shape}"
-    return CacheKey(file_digest(weights_path), model, fingerprint, split, view, dtype, top_k, tuple(sorted(taps)))
+    return CacheKey(file_digest(weights_path), spec.model.identity(spec.shape), fingerprint, split, view, dtype, top_k,
+                    tuple(sorted(taps)))
 
 
 class EntryBuffer:
@@ -78,7 +78,7 @@ def ensure_cached(
     pools: list[TeacherPool],
     specs: list[TeacherSpec],
     weights: list[str],
-    x: torch.Tensor,
+    source: BatchSource,
     *,
     root: str,
     fingerprint: str,
@@ -88,22 +88,22 @@ def ensure_cached(
     top_k: int | None = None,
     taps: Sequence[Sequence[str]] = (),
 ) -> list[list[CacheUse]]:
-    """Make sure every teacher has an entry for every view of ``x`` (the split's rows, in order); compute the
+    """Make sure every teacher has an entry for every view of ``source`` (a split's rows, in order); compute the
     missing ones. ``taps[i]``: the feature taps stored with teacher ``i``'s logits. Returns ``uses[view][teacher]``."""
     taps = [tuple(sorted(t)) for t in taps] if taps else [() for _ in specs]
     base = [teacher_key(s, w, fingerprint, split, "", dtype, top_k, taps[i]) for i, (s, w) in enumerate(zip(specs, weights))]
     keys = [[replace(k, view=views.name(v)) for k in base] for v in range(views.views)]
     missing = {(v, i) for v in range(views.views) for i in range(len(specs)) if lookup(root, keys[v][i]) is None}
     if missing:
-        fill(pools, x, views, sorted(missing), keys, root, dtype, taps)
+        fill(pools, source, views, sorted(missing), keys, root, dtype, taps)
     return [[CacheUse(specs[i].name, views.name(v), str(entry_path(root, keys[v][i])), keys[v][i].digest,
                       (v, i) not in missing) for i in range(len(specs))] for v in range(views.views)]
 
 
-def fill(pools: list[TeacherPool], x: torch.Tensor, views: ViewBank, todo: list[tuple[int, int]],
+def fill(pools: list[TeacherPool], source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
          keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
     """Compute the ``(view, teacher)`` entries ``todo`` (see the module docstring)."""
-    n = len(x)
+    n = len(source)
     starts = range(0, n, BATCH)
     buffers = {job: EntryBuffer(n, len(starts), dtype) for job in todo}
     window = IN_FLIGHT * sum(len(p.replicas) for p in pools)
@@ -119,7 +119,8 @@ def fill(pools: list[TeacherPool], x: torch.Tensor, views: ViewBank, todo: list[
         teachers = [i for v, i in todo if v == view]
         for start in starts:
             index = torch.arange(start, min(n, start + BATCH))
-            chunk = ray.put(views.render(x[start : start + BATCH], index, view).numpy())  # shared by every teacher
+            x, _ = source.rows(index)
+            chunk = ray.put(views.render(x, index, view).numpy())  # shared by every teacher
             for i in teachers:
                 pending.append(((view, i), start, pools[i].submit(chunk, taps[i])))
             while len(pending) > window:

@@ -1,5 +1,5 @@
 """The shared optimisation memory's learning half: every finished distillation, described so that later experiments
-can find similar ones (the first half, stage reuse by content key, is in :mod:`components.stages`).
+can find similar ones (the first half, stage reuse by content key, is in :mod:`hpmkd.components.stages`).
 
 Each finished ``distill`` stage and each Tune trial gets, on its own MLflow run:
 
@@ -20,30 +20,21 @@ from __future__ import annotations
 
 import json
 
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
-from components.scheduler import StageResult
-from components.tracking import log_metrics
-from hpmkd.config import ExperimentConfig, ModelConfig
+from hpmkd.components.graph import StageResult
+from hpmkd.components.tracking import log_metrics
+from hpmkd.config import ExperimentConfig
 from hpmkd.data import DataSplits
 from hpmkd.meta_features import NUMERIC_FEATURES, TaskFeatures, label_statistics
-from hpmkd.models import count_params
 from hpmkd.proposals import MemoryRecord
 from hpmkd.search_space import recorded_config
-from hpmkd.training import build_model
 
 MEMORY_TAG = "memory"
 MEMORY_KIND = "kd"
 RECORD_TAG = "memory.record"
 PAGE = 1000
-
-
-def student_params(cfg: ExperimentConfig, splits: DataSplits) -> int:
-    """The student's parameter count, from a model built on the meta device (no memory, no compute)."""
-    with torch.device("meta"):
-        return count_params(build_model(ModelConfig(cfg.student.model, cfg.student.options), splits))
 
 
 def task_features(cfg: ExperimentConfig, splits: DataSplits, teachers: list[StageResult], n_student: int) -> TaskFeatures:
@@ -56,8 +47,8 @@ def task_features(cfg: ExperimentConfig, splits: DataSplits, teachers: list[Stag
         input_shape=tuple(splits.input_shape),
         label_entropy=entropy,
         imbalance=imbalance,
-        teacher_models=tuple(t.outputs["model"] for t in teachers),
-        teacher_params=tuple(int(t.outputs["params"]) for t in teachers),
+        teacher_models=tuple(t.model().model.model for t in teachers),
+        teacher_params=tuple(t.model().params for t in teachers),
         teacher_acc=tuple(float(t.metrics["val_acc"]) for t in teachers),
         student_model=cfg.student.model,
         student_params=n_student,

@@ -10,7 +10,7 @@ looks at the experiment's ``RUNNING`` parent runs and declares a driver dead whe
 
 The dead driver's parent run and every ``RUNNING`` run nested under it (stages, Tune trials) become ``KILLED``
 with a ``killed_reason`` tag. The rerun then reuses the stages that finished and resumes the interrupted one from
-its last checkpoint (see :mod:`components.stages`).
+its last checkpoint (see :mod:`hpmkd.components.stages`).
 """
 
 from __future__ import annotations

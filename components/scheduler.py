@@ -11,48 +11,9 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from hpmkd.registry import ConfigError
-
-
-@dataclass
-class Stage:
-    """One node of the stage graph."""
-
-    name: str
-    kind: str
-    deps: list[str] = field(default_factory=list)
-    params: dict[str, Any] = field(default_factory=dict)
-    cpus: float = 1.0
-
-
-@dataclass
-class StageResult:
-    name: str
-    kind: str
-    run_id: str | None
-    status: str
-    wall_s: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-    outputs: dict[str, Any] = field(default_factory=dict)
-    started_s: float = 0.0
-    wait_s: float = 0.0
-    error: str | None = None
-    reused: bool = False
-
-
-def check_graph(stages: list[Stage]) -> None:
-    """Unique names, known dependencies, no cycles (stages must be listed after their inputs)."""
-    seen: set[str] = set()
-    for stage in stages:
-        if stage.name in seen:
-            raise ConfigError(f"stage {stage.name!r} appears twice in the pipeline's graph.")
-        missing = [d for d in stage.deps if d not in seen]
-        if missing:
-            raise ConfigError(f"stage {stage.name!r} depends on {missing}, which are not listed before it.")
-        seen.add(stage.name)
+from hpmkd.components.graph import Stage, StageResult, check_graph
 
 
 def run_graph(

@@ -2,9 +2,10 @@
 
 The worker function follows Ray's ``train_func(config)`` pattern and works the same with one CPU worker or many GPU
 workers (``ray.num_workers``, ``ray.use_gpu``). Every epoch, rank 0 writes a full checkpoint (model, optimiser,
-scheduler, epoch, RNG, best weights, history) through ``ray.train.report``; a failed worker group is restarted from
-it (``FailureConfig(max_failures)``), and a rerun with the same Train run name resumes from it. Rank 0 also logs the
-epoch's metrics to the stage's MLflow run.
+scheduler, epoch, RNG, the selection's state, history) through ``ray.train.report``; a failed worker group is
+restarted from it (``FailureConfig(max_failures)``), and a rerun with the same Train run name resumes from it. Rank 0
+also logs the epoch's metrics to the stage's MLflow run. The stage's selected predictor (:mod:`hpmkd.predictors`) is
+written from the last checkpoint as ``model.pt``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from components.logit_cache import CachedTeachers
-from components.teacher_service import ActorTeachers
-from components.tracking import log_metrics
+from hpmkd.components.logit_cache import CachedTeachers
+from hpmkd.components.teacher_service import ActorTeachers
+from hpmkd.components.tracking import log_metrics
 from hpmkd import checkpoint
 from hpmkd.config import RayConfig
+from hpmkd.predictors import save_predictor
+from hpmkd.selection import selected_payload
 from hpmkd.teachers import TeacherSource
 from hpmkd.training import StageEnv, StageSpec, train_stage
 
@@ -143,7 +146,7 @@ def run_training_stage(
         state = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
     checkpoint.save_atomic(state, state_path)
     model_path = out_dir / checkpoint.MODEL_FILE
-    checkpoint.save_atomic(state["best"]["model"], model_path)
+    save_predictor(selected_payload(state), model_path)
     return TrainedStage(result.return_value, state_path, model_path)
 
 

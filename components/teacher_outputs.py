@@ -10,12 +10,7 @@ source     what happens
            view ``e mod bank_views`` and reads that view's entries
 =========  =========================================================================================================
 
-:func:`choose_source` resolves ``auto`` to the fastest source that is exact. Stored outputs (``cache``, ``bank``)
-skip the teachers' forward passes during training, so they win whenever they serve exactly the view the student
-sees: ``cache`` when the input is not randomly augmented; ``bank`` when it is and the user asked for a bank
-(``bank_views``: replaying N views changes the training distribution, so it is never imposed); ``online``
-otherwise. A method that reads teacher features can be served from storage only where ``distill.cache_features``
-asks for it (feature maps can be large: ``rows × prod(feature shape) × 2`` bytes per teacher and view in float16).
+:func:`hpmkd.teachers.choose_source` resolves ``auto`` to the fastest source that is exact.
 """
 
 from __future__ import annotations
@@ -23,12 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from components.logit_cache import CacheUse, ensure_cached
-from components.teacher_service import TeacherPool, TeacherSpec, release, start_teacher_actors
+from hpmkd.components.logit_cache import CacheUse, ensure_cached
+from hpmkd.components.teacher_service import TeacherPool, release, start_teacher_actors
 from hpmkd.config import DistillConfig, ExperimentConfig
 from hpmkd.data import DataSplits
 from hpmkd.data.views import PLAIN, ViewBank
-from hpmkd.registry import ConfigError, Registry
+from hpmkd.registry import Registry
+from hpmkd.teachers import TeacherSpec, choose_source
 
 
 @dataclass
@@ -55,64 +51,58 @@ class TeacherOutputPlan:
         return {"cache_hits": float(sum(u.hit for u in entries)), "cache_entries": float(len(entries))} if entries else {}
 
 
-def choose_source(distill: DistillConfig, augment: str, needs_features: bool) -> str:
-    """``distill.teacher_outputs`` resolved (see the module docstring for the ``auto`` rule)."""
-    choice = distill.teacher_outputs
-    storable = not needs_features or distill.cache_features
-    if choice in ("cache", "bank") and not storable:
-        raise ConfigError(f"distill.teacher_outputs: {choice!r} stores logits only, but a method in distill.methods "
-                          "reads teacher features. Set distill.cache_features: true to store them too, or use "
-                          "teacher_outputs: online (or auto).")
-    if choice != "auto":
-        return choice
-    if not storable:
-        return "online"
-    if augment == "none":
-        return "cache"
-    return "bank" if distill.bank_views else "online"
+@dataclass(frozen=True)
+class OutputsRequest:
+    """What a stage asks for: its teachers' outputs (``specs``, weights files ``weights``, feature ``taps`` per
+    teacher) on ``splits`` for the recipe ``distill``, in experiment ``cfg`` (seed, augmentation, actors, cache)."""
+
+    cfg: ExperimentConfig
+    distill: DistillConfig
+    splits: DataSplits
+    specs: list[TeacherSpec]
+    weights: list[str]
+    taps: Sequence[Sequence[str]]
 
 
-#: source name -> ``(cfg, splits, specs, weights, taps, pools) -> TeacherOutputPlan``
+#: source name -> ``(request, pools) -> TeacherOutputPlan``
 SOURCES: Registry[TeacherOutputPlan] = Registry("teacher output source")
 
 
 @SOURCES.register("online")
-def online(cfg: ExperimentConfig, splits: DataSplits, specs: list[TeacherSpec], weights: list[str],
-           taps: Sequence[Sequence[str]], pools: list[TeacherPool]) -> TeacherOutputPlan:
+def online(request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
     return TeacherOutputPlan("online", pools=pools)
 
 
-def stored(source: str, views: ViewBank, cfg: ExperimentConfig, splits: DataSplits, specs: list[TeacherSpec],
-           weights: list[str], taps: Sequence[Sequence[str]], pools: list[TeacherPool]) -> TeacherOutputPlan:
+def stored(source: str, views: ViewBank, request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
     """Fill the missing entries of every view with the actors, then release them."""
-    uses = ensure_cached(pools, specs, weights, splits.train.x, root=str(cfg.cache_root()),
-                         fingerprint=splits.fingerprint, views=views, dtype=cfg.distill.cache_dtype,
-                         top_k=cfg.distill.cache_top_k, taps=taps)
+    distill, splits = request.distill, request.splits
+    uses = ensure_cached(pools, request.specs, request.weights, splits.train, root=str(request.cfg.cache_root()),
+                         fingerprint=splits.fingerprint, views=views, dtype=distill.cache_dtype,
+                         top_k=distill.cache_top_k, taps=request.taps)
     release(pools)
     return TeacherOutputPlan(source, cache=[[u.path for u in per_view] for per_view in uses], uses=uses,
                              view_bank=None if views is PLAIN else views)
 
 
 @SOURCES.register("cache")
-def cache(cfg: ExperimentConfig, splits: DataSplits, specs: list[TeacherSpec], weights: list[str],
-          taps: Sequence[Sequence[str]], pools: list[TeacherPool]) -> TeacherOutputPlan:
-    return stored("cache", PLAIN, cfg, splits, specs, weights, taps, pools)
+def cache(request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
+    return stored("cache", PLAIN, request, pools)
 
 
 @SOURCES.register("bank")
-def bank(cfg: ExperimentConfig, splits: DataSplits, specs: list[TeacherSpec], weights: list[str],
-         taps: Sequence[Sequence[str]], pools: list[TeacherPool]) -> TeacherOutputPlan:
-    views = ViewBank(cfg.data.augment, cfg.seed, cfg.distill.bank_views)
-    return stored("bank", views, cfg, splits, specs, weights, taps, pools)
+def bank(request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
+    views = ViewBank(request.cfg.data.augment, request.cfg.seed, request.distill.bank_views)
+    return stored("bank", views, request, pools)
 
 
-def prepare_teacher_outputs(cfg: ExperimentConfig, splits: DataSplits, specs: list[TeacherSpec], weights: list[str],
-                            taps: Sequence[Sequence[str]]) -> TeacherOutputPlan:
+def prepare_teacher_outputs(request: OutputsRequest) -> TeacherOutputPlan:
     """Start the teacher actors and prepare the stage's source (stored sources release the actors when filled)."""
-    source = choose_source(cfg.distill, cfg.data.augment, any(taps))
-    pools = start_teacher_actors(specs, weights, cfg.ray.teacher_cpus, cfg.ray.teacher_gpus, cfg.ray.teacher_replicas)
+    cfg = request.cfg
+    source = choose_source(request.distill, cfg.data.augment, any(request.taps))
+    pools = start_teacher_actors(request.specs, request.weights, cfg.ray.teacher_cpus, cfg.ray.teacher_gpus,
+                                 cfg.ray.teacher_replicas)
     try:
-        return SOURCES.get(source, "distill.teacher_outputs")(cfg, splits, specs, weights, taps, pools)
+        return SOURCES.get(source, "distill.teacher_outputs")(request, pools)
     except BaseException:
         release(pools)
         raise

@@ -1,10 +1,10 @@
 """Frozen teachers served by Ray actors.
 
-A :class:`TeacherActor` holds one teacher's model (weights read with ``weights_only=True`` and shipped once through
-the object store, eval mode, no gradients; on a GPU when the actor was given one, ``ray.teacher_gpus`` may be a
-fraction so several teachers share a GPU) and answers whole batches with logits (and named feature maps when a
-method asks for them), one forward pass per batch. Inputs and outputs travel as NumPy arrays: Ray passes them
-zero-copy through shared memory on the same node (see shared/RAY_MLFLOW.md §3).
+A :class:`TeacherActor` holds one teacher, any :class:`hpmkd.teachers.TeacherProvider` (weights read safely in the
+driver and shipped once through the object store; a torch teacher in eval mode, no gradients, on a GPU when the
+actor was given one; ``ray.teacher_gpus`` may be a fraction so several teachers share a GPU) and answers whole
+batches with logits (and named feature maps when a method asks for them), one forward pass per batch. Inputs and
+outputs travel as NumPy arrays: Ray passes them zero-copy through shared memory on the same node.
 
 A teacher that is the bottleneck gets several identical replicas (``ray.teacher_replicas``): a :class:`TeacherPool`
 sends each request to the next replica in turn, so consecutive batches (the one being waited for and the one
@@ -23,51 +23,27 @@ import numpy as np
 import ray
 import torch
 
-from hpmkd.checkpoint import read_model_state
-from hpmkd.config import ModelConfig
 from hpmkd.distill_batch import TeacherOutputs
-from hpmkd.models import create_model, load_state_checked
-from hpmkd.teachers import Pending, frozen, teacher_forward
-
-
-@dataclass
-class TeacherSpec:
-    """What builds a teacher: its name, architecture and the data shape it was trained for."""
-
-    name: str
-    model: ModelConfig
-    num_classes: int
-    input_shape: tuple[int, ...]
-
-    def build(self) -> torch.nn.Module:
-        return create_model(
-            self.model.model,
-            num_classes=self.num_classes,
-            in_channels=self.input_shape[0],
-            input_shape=self.input_shape,
-            **self.model.options,
-        )
+from hpmkd.teachers import Pending, TeacherSpec, provider_for
 
 
 @ray.remote
 class TeacherActor:
-    """Hosts one frozen teacher and serves its outputs for batches."""
+    """Hosts one frozen teacher (any :data:`hpmkd.teachers.PROVIDERS` kind) and serves its outputs for batches."""
 
-    def __init__(self, spec: TeacherSpec, state_dict: dict[str, torch.Tensor], threads: int = 1):
+    def __init__(self, spec: TeacherSpec, weights: Any, threads: int = 1):
         torch.set_num_threads(max(1, threads))
         # Batches arrive as read-only zero-copy views of shared memory; the model only reads them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
-        model = spec.build()
-        load_state_checked(model, state_dict)
-        self.model = frozen(model).to(self.device)
+        self.teacher = provider_for(spec.model).build(spec, weights).to(self.device)
         self.batches = 0
 
     def forward(self, x: np.ndarray, taps: Sequence[str] = ()) -> dict[str, Any]:
         """``{"logits": [B, C] float32, "features": {tap: array}}`` for the batch ``x``."""
         self.batches += 1
-        logits, feats = teacher_forward(self.model, torch.from_numpy(x).to(self.device), taps)
+        logits, feats = self.teacher.forward(torch.from_numpy(x).to(self.device), taps)
         return {
             "logits": logits.float().cpu().numpy(),
             "features": {k: v.float().cpu().numpy() for k, v in feats.items()},
@@ -107,13 +83,15 @@ def release(pools: list[TeacherPool]) -> None:
 def start_teacher_actors(
     specs: list[TeacherSpec], checkpoints: list[str], cpus: float, gpus: float, replicas: int = 1
 ) -> list[TeacherPool]:
-    """``replicas`` actors per teacher; weights read here (``weights_only=True``), put in the object store once per
-    teacher and shared by its replicas."""
+    """``replicas`` actors per teacher; weights read here by the teacher's provider (safely: ``weights_only=True``
+    for torch), checked by building the teacher once, put in the object store once per teacher and shared by its
+    replicas."""
     pools = []
     for spec, path in zip(specs, checkpoints):
-        state = read_model_state(path)
-        load_state_checked(spec.build(), state)  # fail here, naming the layer, before any actor starts
-        ref = ray.put(state)
+        provider = provider_for(spec.model)
+        weights = provider.read(path)
+        provider.build(spec, weights)  # fail here, naming the layer, before any actor starts
+        ref = ray.put(weights)
         actor = TeacherActor.options(num_cpus=cpus, num_gpus=gpus)
         pools.append(TeacherPool(spec.name, [actor.remote(spec, ref, max(1, int(cpus))) for _ in range(replicas)]))
     ray.get([a.name.remote() for p in pools for a in p.replicas])  # wait until every model is loaded (errors surface here)

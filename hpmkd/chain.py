@@ -1,7 +1,9 @@
 """The progressive distillation chain: which intermediate models stand between a teacher and a student, and when the
 chain stops adding them (plain PyTorch; no Ray, no MLflow).
 
-HPM-KD's chain (METHODS §3.2; TAKD, METHODS §5.6, is the same chain given by hand)::
+HPM-KD's chain (Haase & Dourado da Silva, arXiv 2512.09886, authors' draft ``guhaase/papers-deepbridge``
+``01_HPM-KD_Framework/POR/sections/04-methodology.tex``; TAKD, Mirzadeh et al., AAAI 2020, arXiv 1902.03393, is the
+same chain given by hand)::
 
     f_T = f_0 → f_1 → … → f_L = f_S,     |θ_i| = |θ_T| · r^{i/L},   r = |θ_S| / |θ_T|
 
@@ -33,10 +35,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
-import torch
 
-from hpmkd.config import ModelConfig
-from hpmkd.models import MODELS, count_params, create_model
+from hpmkd.models import MODELS
+from hpmkd.models.ref import DataShape, ModelRef
 from hpmkd.registry import ConfigError
 
 Scale = Literal["width", "depth", "both"]
@@ -108,7 +109,7 @@ def scaling_of(model: str) -> Scaling:
     return SCALINGS[family]
 
 
-def knobs(model: ModelConfig) -> dict[str, Any]:
+def knobs(model: ModelRef) -> dict[str, Any]:
     """A model's options with its factory's defaults filled in (``cnn_small`` -> ``width=32, depth=3, ...``)."""
     defaults = {
         name: p.default
@@ -118,20 +119,12 @@ def knobs(model: ModelConfig) -> dict[str, Any]:
     return {**defaults, **model.options}
 
 
-def count_model_params(model: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> int:
-    """|θ| of ``model`` for this data, built on the ``meta`` device."""
-    with torch.device("meta"):
-        built = create_model(model.model, num_classes=num_classes, in_channels=input_shape[0],
-                             input_shape=tuple(input_shape), **model.options)
-    return count_params(built)
-
-
 @dataclass
 class ChainModel:
     """One model of a chain: its config, its parameter count, and the size it was chosen for (assistants only)."""
 
     role: Literal["teacher", "assistant", "student"]
-    model: ModelConfig
+    model: ModelRef
     params: int
     target: float | None = None
 
@@ -188,11 +181,10 @@ class ChainPlan:
 
 
 def plan_chain(
-    teacher: ModelConfig,
-    student: ModelConfig,
+    teacher: ModelRef,
+    student: ModelRef,
     *,
-    num_classes: int,
-    input_shape: tuple[int, ...],
+    shape: DataShape,
     max_gap: float,
     scale: Scale = "both",
     max_steps: int = 6,
@@ -206,7 +198,7 @@ def plan_chain(
         raise ConfigError(f"chain.max_gap: must be > 1 (the largest size ratio allowed between consecutive models), "
                           f"got {max_gap}.")
     scaling = scaling_of(student.model)
-    size = functools.partial(count_model_params, num_classes=num_classes, input_shape=input_shape)
+    size = functools.partial(ModelRef.count_params, shape=shape)
     t_params, s_params = size(teacher), size(student)
     compression = t_params / s_params
     lower = max(1, math.ceil(math.log(compression) / math.log(max_gap) - 1e-9)) if compression > 1 else 1
@@ -255,18 +247,18 @@ def best_fitting(candidates: list[list[ChainModel]], t_params: int, s_params: in
 
 def fit_assistant(
     scaling: Scaling,
-    teacher: ModelConfig,
-    student: ModelConfig,
+    teacher: ModelRef,
+    student: ModelRef,
     target: float,
     fraction: float,
     scale: Scale,
     homogeneous: bool,
-    size: Callable[[ModelConfig], int],
+    size: Callable[[ModelRef], int],
 ) -> list[ChainModel]:
     """The models of the student's family either side of ``target`` parameters for the ``scale`` rule."""
     s_knobs = knobs(student)
 
-    def build(width_units: int, depth: int) -> ModelConfig:
+    def build(width_units: int, depth: int) -> ModelRef:
         options = {**student.options, scaling.width: scaling.width_value(width_units), DEPTH: depth}
         return replace(student, options=options)
 
@@ -282,8 +274,8 @@ def fit_assistant(
     return [ChainModel("assistant", model, params, target) for model, params in found]
 
 
-def around(build: Callable[[int], ModelConfig], lowest: int, target: float,
-           size: Callable[[ModelConfig], int]) -> list[tuple[ModelConfig, int]]:
+def around(build: Callable[[int], ModelRef], lowest: int, target: float,
+           size: Callable[[ModelRef], int]) -> list[tuple[ModelRef, int]]:
     """The models ``build(k)``, ``k >= lowest``, just below and at-or-above ``target`` in size, for a knob whose
     size grows with ``k`` (doubling, then bisection); one model when the smallest is already above the target."""
     low = high = lowest
@@ -298,7 +290,7 @@ def around(build: Callable[[int], ModelConfig], lowest: int, target: float,
     return [(model, size(model)) for model in (build(k) for k in sorted({low, high}))]
 
 
-def explain(teacher: ModelConfig, student: ModelConfig, t_params: int, s_params: int, max_gap: float, lower: int,
+def explain(teacher: ModelRef, student: ModelRef, t_params: int, s_params: int, max_gap: float, lower: int,
             steps: int, scaling: Scaling, scale: Scale, homogeneous: bool) -> str:
     """The plan's "why", in words."""
     family = scaling.name
@@ -324,17 +316,16 @@ def explain(teacher: ModelConfig, student: ModelConfig, t_params: int, s_params:
 
 
 def describe_chain(
-    teacher: ModelConfig,
-    assistants: list[ModelConfig],
-    student: ModelConfig,
+    teacher: ModelRef,
+    assistants: list[ModelRef],
+    student: ModelRef,
     *,
-    num_classes: int,
-    input_shape: tuple[int, ...],
+    shape: DataShape,
     max_gap: float | None = None,
 ) -> ChainPlan:
     """The plan of a chain given by hand (TAKD): sizes and step ratios; steps above ``max_gap`` are noted, not
     refused (the hand-given chain is the user's choice)."""
-    size = functools.partial(count_model_params, num_classes=num_classes, input_shape=input_shape)
+    size = functools.partial(ModelRef.count_params, shape=shape)
     plan = ChainPlan(ChainModel("teacher", teacher, size(teacher)),
                      [ChainModel("assistant", a, size(a)) for a in assistants],
                      ChainModel("student", student, size(student)), "", max_gap)
@@ -346,24 +337,30 @@ def describe_chain(
 
 
 def relative_gain(acc: float, previous_acc: float) -> float:
-    """``(Acc_i − Acc_{i−1}) / Acc_{i−1}`` (METHODS §3.2)."""
+    """``(Acc_i − Acc_{i−1}) / Acc_{i−1}`` (HPM-KD, arXiv 2512.09886)."""
     return (acc - previous_acc) / previous_acc if previous_acc > 0 else math.inf
 
 
-#: the first link whose gain the ε rule tests ("not applied at i = 1")
+#: the first link whose gain the ε rule tests (the authors' draft does not apply it at i = 1)
 FIRST_TESTED_LINK = 2
 
 
 def stops_after(index: int, gain: float, epsilon: float | None) -> bool:
-    """HPM-KD's ε rule (METHODS §3.2): after link ``index`` the chain stops adding links when its relative
+    """HPM-KD's ε rule (arXiv 2512.09886): after link ``index`` the chain stops adding links when its relative
     validation gain is below ``epsilon``; never after link 1, never when ``epsilon`` is ``None`` (rule off)."""
     return epsilon is not None and index >= FIRST_TESTED_LINK and gain < epsilon
 
 
-def link_stopped(previous: dict[str, Any], epsilon: float | None) -> bool:
-    """Whether the chain stopped before the link that follows ``previous`` (a stage's outputs): ``previous`` was a
-    skipped link (``chain_skipped``), or a trained link (``chain_index``, ``chain_gain``) after which
-    :func:`stops_after` stops. The outputs of anything else (a teacher) never stop it."""
-    if previous.get("chain_skipped"):
-        return True
-    return "chain_index" in previous and stops_after(previous["chain_index"], previous["chain_gain"], epsilon)
+@dataclass(frozen=True)
+class ChainLinkInfo:
+    """A chain link's record: its ``index``, its relative validation ``gain`` over what it followed, and whether it
+    was ``skipped`` (the chain had stopped: it passed its predecessor's model on)."""
+
+    index: int
+    gain: float | None = None
+    skipped: bool = False
+
+    def stops_chain(self, epsilon: float | None) -> bool:
+        """Whether the chain stops after this link: it was skipped (the chain had stopped before it), or it trained
+        and :func:`stops_after` stops."""
+        return self.skipped or stops_after(self.index, self.gain, epsilon)

@@ -41,7 +41,11 @@ def load(path: str | os.PathLike) -> Any:
 
 def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in ``path``: a plain state dict (``model.pt``) or a training state (``state.pt``)."""
-    obj = load(path)
+    return model_state_of(load(path), path)
+
+
+def model_state_of(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights in ``obj``, loaded from ``path`` (see :func:`read_model_state`)."""
     if isinstance(obj, dict) and "best" in obj and isinstance(obj["best"], dict) and "model" in obj["best"]:
         return obj["best"]["model"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

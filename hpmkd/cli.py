@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 
-from hpmkd.ablation import COMPONENTS
 from hpmkd.registry import ConfigError
 
 DEFAULT_CACHE_DIR = "hpmkd_runs/logit_cache"
@@ -71,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     ablate.add_argument("config")
     ablate.add_argument("--seeds", type=int, required=True, metavar="N", help="run seeds 0 .. N-1")
     ablate.add_argument("--components", nargs="+", metavar="NAME",
-                        help=f"the components to remove, one at a time (default: all: {' '.join(COMPONENTS)})")
+                        help="the components to remove, one at a time (default: all six: config_manager chain attention "
+                        "meta_temperature parallel memory)")
     ablate.add_argument("--output", default="ablation",
                         help="folder for ablation.md, ablation.csv, ablation.json and the figures (default: ablation)")
     ablate.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db")
@@ -82,10 +82,10 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from hpmkd.config import load_config
-    from pipelines import build_stages
+    from hpmkd.pipelines import plan_experiment
 
     cfg = load_config(args.config, args.overrides)
-    stages = build_stages(cfg)
+    stages = plan_experiment(cfg).stages
     teachers = ", ".join(f"{t.name}={t.model}" for t in cfg.teachers)
     print(f"OK {args.config}: experiment {cfg.experiment!r}, pipeline {cfg.pipeline}, data {cfg.data.name}, "
           f"teachers [{teachers}], student {cfg.student.model}, {len(stages)} stages ({', '.join(s.name for s in stages)})")
@@ -100,8 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hpmkd.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails before Ray starts
-    from pipelines.runner import ExperimentFailedError, run_experiment
-    from pipelines.summary import format_table
+    from hpmkd.pipelines.runner import ExperimentFailedError, run_experiment
+    from hpmkd.pipelines.summary import format_table
 
     # SIGTERM (a scheduler cancelling the job, `kill`) ends the run like Ctrl-C: the open MLflow runs become KILLED
     signal.signal(signal.SIGTERM, interrupt)
@@ -125,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from components.tracking import default_artifact_root, default_tracking_uri
+    from hpmkd.components.tracking import default_artifact_root, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     if is_server(uri):
@@ -166,8 +166,8 @@ def parse_age(text: str) -> float:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from components.report import write_report
-    from components.tracking import default_tracking_uri
+    from hpmkd.components.report import write_report
+    from hpmkd.components.tracking import default_tracking_uri
 
     path = write_report(args.tracking_uri or default_tracking_uri(), args.out, args.experiments, log=args.log)
     print(f"Report: {path}")
@@ -175,8 +175,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from components.report.ablation_files import ablation_markdown
-    from pipelines.ablate import plan_ablation, run_ablation
+    from hpmkd.components.report.ablation_files import ablation_markdown
+    from hpmkd.pipelines.ablate import plan_ablation, run_ablation
 
     plan = plan_ablation(args.config, args.seeds, args.components, args.overrides)  # fails before Ray starts
     signal.signal(signal.SIGTERM, interrupt)  # as in `run`: the open MLflow runs become KILLED

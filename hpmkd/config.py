@@ -4,11 +4,20 @@ One YAML file describes one experiment: data, teachers, student, how each stage 
 where Ray runs and where MLflow records. :func:`load_config` reads it with ``yaml.safe_load``, applies ``--set``
 overrides, and validates everything that can be checked without starting Ray: unknown keys, types, value ranges,
 model / loss / aggregator / schedule names and their options, and that checkpoint files exist.
+
+The core sections are defined here. Every other top-level section is owned by the pipeline or component that reads
+it and registered in :data:`SECTIONS` by its module (``chain`` by :mod:`hpmkd.pipelines.chain`, ``smskd`` by
+:mod:`hpmkd.pipelines.smskd`, ``config_manager`` by :mod:`hpmkd.search_space`, ``components`` by
+:mod:`hpmkd.pipelines.switches`): a new pipeline adds its section without editing this file. A section class is a
+dataclass with defaults; it may define ``check(path)`` (its own values) and ``check_with(cfg)`` (against the whole
+experiment, after every section is parsed).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,10 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
-from hpmkd.ablation import ComponentsConfig
-from hpmkd.config_schema import convert, from_dict, join, set_path, to_dict
-from hpmkd.registry import ConfigError, did_you_mean
-from hpmkd.search_space import ConfigManagerConfig, build_space
+from hpmkd.config_schema import convert, from_dict, join, replace_path, set_path, to_dict
+from hpmkd.models.ref import ModelRef
+from hpmkd.registry import ConfigError, Registry, did_you_mean
 
 
 def positive(path: str, **values: float) -> None:
@@ -61,17 +69,22 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """How one training stage optimises: used by teachers, the student alone and distillation stages."""
+    """How one training stage optimises: used by teachers, the student alone and distillation stages.
+
+    ``optimizer`` names an entry of :data:`hpmkd.optim.OPTIMIZERS` (``sgd``, ``adam``, ``adamw``; extra keyword
+    options in ``optimizer_options``), ``lr_schedule`` one of :data:`hpmkd.optim.LR_SCHEDULES` (``cosine``,
+    ``step``, ``constant``)."""
 
     epochs: int = 5
     batch_size: int = 128
     eval_batch_size: int = 1024
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: str = "sgd"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    lr_schedule: str = "cosine"
     lr_milestones: list[float] = field(default_factory=lambda: [0.625, 0.75, 0.875])
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
@@ -85,14 +98,6 @@ class TrainConfig:
 
 
 @dataclass
-class ModelConfig:
-    """A model from the registry (:func:`hpmkd.models.create_model`) and its keyword options."""
-
-    model: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class TeacherConfig:
     """A teacher: trained by a ``train_teacher`` stage, or loaded from ``checkpoint`` (a ``state.pt`` or state dict)."""
 
@@ -101,6 +106,10 @@ class TeacherConfig:
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model, self.options)
 
     def check(self, path: str) -> None:
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
@@ -112,9 +121,16 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
+    """The student: a model (:class:`~hpmkd.models.ref.ModelRef`) and, in ``train``, keys of the top-level ``train``
+    section it replaces when trained alone."""
+
     model: str
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model, self.options)
 
 
 @dataclass
@@ -228,97 +244,40 @@ class MlflowConfig:
     log_models: bool = True
 
 
-@dataclass
-class ChainConfig:
-    """A progressive distillation chain ``f_T = f_0 → f_1 → … → f_L = f_S`` (pipeline ``takd``; see
-    :mod:`hpmkd.chain` and docs/methods.md).
+@dataclass(frozen=True)
+class Recipe:
+    """One distillation stage's recipe, resolved when the stage graph is built: the ``distill`` keys it uses and its
+    complete training settings (the top-level ``train`` with the recipe's ``train`` keys replaced)."""
 
-    ``assistants``: the intermediate models ``f_1 … f_{L−1}`` by hand, largest first (TAKD's teacher assistants);
-    ``null`` plans them (:func:`hpmkd.chain.plan_chain`): sizes near ``|θ_T|·r^{i/L}`` in the student's family,
-    ``L`` the fewest steps (at most ``max_steps``) whose every size ratio ``|θ_{i−1}|/|θ_i|`` is at most
-    ``max_gap``, scaling ``width``, ``depth`` or ``both``. ``plan_from``: the teacher whose size is ``|θ_T|``
-    (default: the largest). ``epsilon``: HPM-KD's stop rule (METHODS §3.2), ``null`` = off: after assistant
-    ``i >= 2`` whose relative validation gain ``(Acc_i − Acc_{i−1})/Acc_{i−1}`` is below ε, the remaining assistants
-    are skipped and the student distils from assistant ``i``.
-    """
+    distill: DistillConfig
+    train: TrainConfig
 
-    assistants: list[ModelConfig] | None = None
-    max_gap: float = 4.0
-    max_steps: int = 6
-    scale: Literal["width", "depth", "both"] = "both"
-    plan_from: str | None = None
-    epsilon: float | None = None
+    def with_overrides(self, overrides: dict[str, Any]) -> "Recipe":
+        """The recipe with config key paths set (``distill.temperature.T``, ``distill.train.lr``: what a ``tune``
+        stage hands on); paths outside ``distill`` are not the recipe's and are ignored."""
+        recipe = self
+        for path, value in overrides.items():
+            section, _, rest = path.partition(".")
+            if section != "distill":
+                continue
+            if rest.startswith("train."):
+                recipe = replace(recipe, train=replace_path(recipe.train, rest[len("train."):], value, "distill.train"))
+            else:
+                recipe = replace(recipe, distill=replace_path(recipe.distill, rest, value, "distill"))
+        return recipe
 
-    def check(self, path: str) -> None:
-        if not self.max_gap > 1:
-            raise ConfigError(f"{join(path, 'max_gap')}: must be > 1 (the largest size ratio allowed between "
-                              f"consecutive models of the chain), got {self.max_gap}.")
-        positive(path, max_steps=self.max_steps)
-
-
-@dataclass
-class ReferenceConfig:
-    """SMSKD's anchor to the frozen previous-stage student: the ``reference`` loss (hpmkd/losses/reference.py)
-    with weight ``weight`` (λ_ref; 0 drops the anchor) and its options."""
-
-    weight: float = 1.0
-    mode: str = "one_minus_tcp"
-    tau_ref: float = 4.0
-    normalize: bool = False
-
-    def check(self, path: str) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"{join(path, 'weight')}: must be >= 0 (0 drops the reference anchor), got {self.weight}.")
-        positive(path, tau_ref=self.tau_ref)
+    def settings(self) -> dict[str, Any]:
+        """What defines the recipe (logged as params, hashed into content keys): ``train`` and ``distill`` (without
+        its ``train`` overrides, already in ``train``, and ``baseline``, a pipeline choice)."""
+        return {"train": to_dict(self.train),
+                "distill": {k: v for k, v in to_dict(self.distill).items() if k not in ("train", "baseline")}}
 
 
-@dataclass
-class SmskdConfig:
-    """SMSKD (pipeline ``smskd``; METHODS §1): K sequential distillation stages, stage ``k`` starting from stage
-    ``k−1``'s student (``init: previous``; ``scratch`` is the re-initialisation ablation) and anchored to a frozen copy
-    of it by the ``reference`` loss (``reference``).
-
-    ``stages``: one mapping per stage, of the ``distill`` keys that stage replaces (``methods`` required; also
-    ``ce_weight``, ``aggregator``, ``temperature``, ``meta_interval``, ``train``). Keys a stage does not give come
-    from the ``distill`` section.
-    """
-
-    stages: list[dict[str, Any]] = field(default_factory=list)
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    init: Literal["previous", "scratch"] = "previous"
-
-    #: distill keys a stage may replace (the teacher-output keys apply to every stage: set them under distill)
-    STAGE_KEYS = ("ce_weight", "methods", "aggregator", "temperature", "meta_interval", "train")
-
-    def check(self, path: str) -> None:
-        for i, stage in enumerate(self.stages):
-            where = join(path, f"stages.{i}")
-            for key in stage:
-                if key not in self.STAGE_KEYS:
-                    raise ConfigError(f"{where}.{key}: not a per-stage key.{did_you_mean(str(key), self.STAGE_KEYS)} "
-                                      f"A stage may replace: {', '.join(self.STAGE_KEYS)}; other distill keys apply to "
-                                      f"every stage (set them in the distill section).")
-            if not isinstance(stage.get("methods"), dict) or not stage["methods"]:
-                raise ConfigError(f"{where}.methods: every SMSKD stage names its own KD method(s), e.g. "
-                                  f"methods: {{fitnet: {{weight: 100}}}}.")
-            if "reference" in stage["methods"]:
-                raise ConfigError(f"{where}.methods.reference: SMSKD adds the frozen-reference loss to every stage "
-                                  f"after the first itself; set its weight and mode under smskd.reference.")
-
-    def paths(self) -> list[str]:
-        """The key path of each stage (``smskd.stages.<k>``), which also names its recipe."""
-        return [f"smskd.stages.{k}" for k in range(len(self.stages))]
-
-    def recipes(self, base: DistillConfig) -> list[DistillConfig]:
-        """Each stage's recipe: ``base`` with the stage's keys replaced; stages after the first also get the
-        ``reference`` loss (unless its weight is 0)."""
-        out = []
-        for k, (stage, path) in enumerate(zip(self.stages, self.paths())):
-            data = to_dict(base) | copy.deepcopy(stage)
-            if k > 0 and self.reference.weight > 0:
-                data["methods"] = {**data["methods"], "reference": to_dict(self.reference)}
-            out.append(from_dict(DistillConfig, data, path))
-        return out
+#: top-level section name -> its dataclass (see the module docstring)
+SECTIONS: Registry[Any] = Registry("config section")
+#: the modules that register sections (and pipelines, whose names the ``pipeline`` key takes): imported before a
+#: config is read
+SECTION_MODULES = ("hpmkd.pipelines",)
 
 
 @dataclass
@@ -326,10 +285,8 @@ class ExperimentConfig:
     """A whole experiment (see ``conf/default.yaml`` for a commented example).
 
     ``reuse``: a stage whose content key (settings, inputs, data fingerprint, code version) matches a finished stage
-    run in the MLflow store is not recomputed; its recorded outputs are reused. ``config_manager``: a ``tune``
-    stage that proposes and searches the distillation configuration (:class:`hpmkd.search_space.ConfigManagerConfig`).
-    ``components``: HPM-KD's six components as switches; one that is ``false`` is replaced by its plain counterpart
-    when the run starts (:func:`hpmkd.ablation.effective_config`).
+    run in the MLflow store is not recomputed; its recorded outputs are reused. ``sections`` holds every registered
+    section (:data:`SECTIONS`), each also readable as an attribute (``cfg.chain``, ``cfg.config_manager``).
     """
 
     experiment: str
@@ -342,13 +299,16 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    config_manager: ConfigManagerConfig = field(default_factory=ConfigManagerConfig)
-    chain: ChainConfig = field(default_factory=ChainConfig)
-    smskd: SmskdConfig = field(default_factory=SmskdConfig)
-    components: ComponentsConfig = field(default_factory=ComponentsConfig)
     output_dir: str = "hpmkd_runs"
     cache_dir: str | None = None
     reuse: bool = True
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or section {name!r}")
 
     def check(self, path: str) -> None:
         if not self.teachers:
@@ -365,15 +325,15 @@ class ExperimentConfig:
         if self.distill.teacher_outputs == "bank" and self.distill.bank_views is None:
             raise ConfigError("distill.bank_views: teacher_outputs 'bank' needs the number of stored views per sample, "
                               "e.g. bank_views: 8 (epoch e trains on view e mod 8).")
-        names = [t.name for t in self.teachers]
+        names = self.teacher_names()
         if len(set(names)) != len(names):
             raise ConfigError(f"teachers: names must be unique, got {names}.")
         if "reference" in self.distill.methods:
             raise ConfigError("distill.methods.reference: the reference loss anchors a student to the frozen student "
                               "of the previous SMSKD stage; use pipeline smskd and set it under smskd.reference.")
-        if self.chain.plan_from is not None and self.chain.plan_from not in names:
-            raise ConfigError(f"chain.plan_from: no teacher named {self.chain.plan_from!r}.{did_you_mean(self.chain.plan_from, names)} "
-                              f"Teachers: {', '.join(names)}.")
+
+    def teacher_names(self) -> list[str]:
+        return [t.name for t in self.teachers]
 
     def teacher_train(self, index: int) -> TrainConfig:
         return merged_train(self.train, self.teachers[index].train, f"teachers.{index}.train")
@@ -381,16 +341,31 @@ class ExperimentConfig:
     def student_train(self) -> TrainConfig:
         return merged_train(self.train, self.student.train, "student.train")
 
-    def distill_train(self) -> TrainConfig:
-        return merged_train(self.train, self.distill.train, "distill.train")
+    def recipe(self, distill: DistillConfig | None = None, path: str = "distill") -> Recipe:
+        """``distill`` (default: the ``distill`` section) resolved: its training is the top-level ``train`` with
+        its ``train`` keys replaced (``path`` names it in errors)."""
+        distill = self.distill if distill is None else distill
+        return Recipe(distill, merged_train(self.train, distill.train, f"{path}.train"))
 
-    def recipes(self) -> dict[str, DistillConfig]:
-        """Every distillation recipe by its key path: ``distill``, and ``smskd.stages.<k>`` (see
-        :meth:`SmskdConfig.recipes`). A stage names its recipe by this path (stage param ``recipe``)."""
-        return {"distill": self.distill, **dict(zip(self.smskd.paths(), self.smskd.recipes(self.distill)))}
+    def with_section(self, name: str, value: Any) -> "ExperimentConfig":
+        return replace(self, sections={**self.sections, name: value})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "ExperimentConfig":
+        """The config with config key paths set (typed: each value checked against its field), e.g. the
+        configuration a ``tune`` stage hands on."""
+        cfg = self
+        for path, value in overrides.items():
+            name, _, rest = path.partition(".")
+            if name in self.sections:
+                cfg = cfg.with_section(name, replace_path(cfg.sections[name], rest, value, name))
+            else:
+                cfg = replace_path(cfg, path, value)
+        return cfg
 
     def as_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        """Plain data, every section at the top level (as in the YAML)."""
+        core = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
+        return {**core, **{name: to_dict(value) for name, value in self.sections.items()}}
 
     def cache_root(self) -> Path:
         """Where logit-cache entries live (shared storage on a multi-node cluster)."""
@@ -424,78 +399,91 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Experimen
     return config_from_data(data or {}, overrides)
 
 
+def register_sections() -> None:
+    """Import the modules that register sections and pipelines (:data:`SECTION_MODULES`; once per process)."""
+    for module in SECTION_MODULES:
+        importlib.import_module(module)
+
+
 def config_from_data(data: dict[str, Any], overrides: list[str] = ()) -> ExperimentConfig:
+    """Validate plain data (a parsed YAML document) with ``--set`` style ``overrides`` into an experiment config."""
+    register_sections()
     data = copy.deepcopy(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of keys, got {type(data).__name__} {data!r}.")
     for text in overrides:
         key, value = parse_override(text)
         set_path(data, key, value)
-    cfg = from_dict(ExperimentConfig, data)
+    core = {f.name for f in dataclasses.fields(ExperimentConfig) if f.name != "sections"}
+    for key in data:
+        if key not in core and key not in SECTIONS:
+            allowed = sorted(core | set(SECTIONS.names()))
+            raise ConfigError(f"{key}: unknown key.{did_you_mean(str(key), allowed)} Allowed keys here: "
+                              f"{', '.join(allowed)}.")
+    sections = {name: from_dict(SECTIONS.get(name), data.pop(name, None) or {}, name) for name in SECTIONS.names()}
+    cfg = from_dict(ExperimentConfig, {**data, "sections": sections})
     check_names(cfg)
-    check_search_space(cfg)
+    for section in sections.values():
+        check_with = getattr(section, "check_with", None)
+        if check_with is not None:
+            check_with(cfg)
     return cfg
 
 
-def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
-    """``cfg`` with each dotted key path set to its value (as ``--set`` does), validated again."""
-    if not overrides:
-        return cfg
-    data = cfg.as_dict()
-    for key, value in overrides.items():
-        set_path(data, key, value)
-    out = from_dict(ExperimentConfig, data)
-    check_names(out)
-    return out
+def check_model(ref: ModelRef, path: str, teacher: bool = False) -> None:
+    """The model name is known and, for hpmkd's own models, every option is one it takes. A ``teacher`` may also be
+    any model a registered teacher provider serves (:data:`hpmkd.teachers.PROVIDERS`)."""
+    from hpmkd.models import MODELS, is_model, list_models
+    from hpmkd.teachers import PROVIDERS
 
-
-def check_search_space(cfg: ExperimentConfig) -> None:
-    """With ``config_manager.enabled``, both ends of every searched range must give a valid config (a temperature
-    option the schedule lacks, a method that is not configured: reported here, before Ray starts)."""
-    if not cfg.config_manager.enabled:
+    if ref.model in MODELS:
+        MODELS.check_options(ref.model, ref.options, f"{path}.options")
         return
-    for dim in build_space(cfg).dims:
-        for value in (dim.low, dim.high):
-            try:
-                with_overrides(cfg, dim.overrides(value))
-            except ConfigError as err:
-                raise ConfigError(f"config_manager.search_space.{dim.name}: at {value} it sets {err} "
-                                  f"Change the range, or drop {dim.name} from the search space.") from err
+    if is_model(ref.model) or (teacher and any(PROVIDERS.get(p).serves(ref) for p in PROVIDERS.names())):
+        return
+    models = list_models()
+    raise ConfigError(f"{path}.model: unknown model {ref.model!r}.{did_you_mean(ref.model, models)} "
+                      f"See `hpmkd models` for the list.")
+
+
+def check_train(cfg: TrainConfig, path: str) -> None:
+    from hpmkd.optim import LR_SCHEDULES, OPTIMIZERS
+
+    OPTIMIZERS.get(cfg.optimizer, f"{path}.optimizer")
+    OPTIMIZERS.check_options(cfg.optimizer, cfg.optimizer_options, f"{path}.optimizer_options")
+    LR_SCHEDULES.get(cfg.lr_schedule, f"{path}.lr_schedule")
+
+
+def check_recipe(recipe: Recipe, path: str) -> None:
+    """Every method, the aggregator and the temperature schedule of ``recipe`` exist and take their options; the
+    schedule is built, so values it rejects (an initial ``T`` outside its range) are reported here."""
+    from hpmkd.ensemble import AGGREGATORS
+    from hpmkd.losses import LOSSES
+    from hpmkd.temperature import SCHEDULES
+
+    check_train(recipe.train, f"{path}.train")
+    distill = recipe.distill
+    for name, (_, options) in distill.method_options().items():
+        LOSSES.check_options(name, options, f"{path}.methods.{name}")
+    agg = distill.aggregator_choice()
+    AGGREGATORS.check_options(agg.name, agg.options, f"{path}.aggregator")
+    sched = distill.temperature_choice()
+    SCHEDULES.build(sched.name, sched.options, f"{path}.temperature")
 
 
 def check_names(cfg: ExperimentConfig) -> None:
-    """Validate every registry name and option in ``cfg`` (models, data set, methods, aggregator, schedule, pipeline)."""
+    """Validate every registry name and option of the core sections (models, data set, training, the ``distill``
+    recipe); sections check their own in ``check_with``."""
     from hpmkd.data import AUGMENTATIONS, DATASETS
-    from hpmkd.ensemble import AGGREGATORS
-    from hpmkd.losses import LOSSES
-    from hpmkd.losses.reference import REFERENCE_WEIGHTS
-    from hpmkd.models import list_models
-    from hpmkd.temperature import SCHEDULES
+    from hpmkd.pipelines import PIPELINES
 
-    models = set(list_models())
-
-    def check_model_name(name: str, path: str) -> None:
-        if name not in models:
-            raise ConfigError(f"{path}: unknown model {name!r}.{did_you_mean(name, models)} See `hpmkd models` for the list.")
-
+    PIPELINES.get(cfg.pipeline, "pipeline")
     DATASETS.get(cfg.data.name, "data.name")
     AUGMENTATIONS.get(cfg.data.augment, "data.augment")
+    check_train(cfg.train, "train")
     for i, teacher in enumerate(cfg.teachers):
-        check_model_name(teacher.model, f"teachers.{i}.model")
-        cfg.teacher_train(i)
-    check_model_name(cfg.student.model, "student.model")
-    cfg.student_train()
-    for i, assistant in enumerate(cfg.chain.assistants or []):
-        check_model_name(assistant.model, f"chain.assistants.{i}.model")
-    REFERENCE_WEIGHTS.get(cfg.smskd.reference.mode, "smskd.reference.mode")
-    for path, recipe in cfg.recipes().items():
-        merged_train(cfg.train, recipe.train, f"{path}.train")
-        for name, (_, options) in recipe.method_options().items():
-            LOSSES.check_options(name, options, f"{path}.methods.{name}", LOSS_CONTEXT)
-        agg = recipe.aggregator_choice()
-        AGGREGATORS.check_options(agg.name, agg.options, f"{path}.aggregator", AGGREGATOR_CONTEXT)
-        sched = recipe.temperature_choice()
-        SCHEDULES.check_options(sched.name, sched.options, f"{path}.temperature")
-
-
-#: keyword arguments hpmkd passes to every loss / aggregator itself (not user options)
-LOSS_CONTEXT = ("num_classes", "num_teachers", "num_train", "student_taps", "teacher_taps")
-AGGREGATOR_CONTEXT = ("num_teachers", "num_classes", "input_shape")
+        check_model(teacher.ref, f"teachers.{i}", teacher=True)
+        check_train(cfg.teacher_train(i), f"teachers.{i}.train")
+    check_model(cfg.student.ref, "student")
+    check_train(cfg.student_train(), "student.train")
+    check_recipe(cfg.recipe(), "distill")

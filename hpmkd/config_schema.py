@@ -135,6 +135,25 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+def replace_path(obj: Any, dotted: str, value: Any, where: str = "") -> Any:
+    """A copy of the dataclass or mapping ``obj`` with the field or key at ``dotted`` (``"temperature.T"``) set to
+    ``value``: dataclasses are copied with :func:`dataclasses.replace` (the value checked against the field's type),
+    mappings are copied; nothing in ``obj`` is changed. ``where`` prefixes the key path in errors."""
+    head, _, rest = dotted.partition(".")
+    path = join(where, head)
+    if dataclasses.is_dataclass(obj):
+        fields = {f.name for f in dataclasses.fields(obj) if f.init}
+        if head not in fields:
+            raise ConfigError(f"{path}: unknown key.{did_you_mean(head, fields)}")
+        current = getattr(obj, head)
+        new = replace_path(current, rest, value, path) if rest else convert(get_type_hints(type(obj))[head], value, path)
+        return dataclasses.replace(obj, **{head: new})
+    if isinstance(obj, dict):
+        new = replace_path(obj.get(head, {}), rest, value, path) if rest else value
+        return {**obj, head: new}
+    raise ConfigError(f"{path}: {where or 'the config'} holds {obj!r}, not a mapping.")
+
+
 def set_path(data: dict, dotted: str, value: Any) -> None:
     """Set ``data[a][b][0][c] = value`` for ``dotted = "a.b.0.c"``; list indices are numbers.
 

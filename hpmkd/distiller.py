@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hpmkd.config import AGGREGATOR_CONTEXT, DistillConfig
+from hpmkd.config import DistillConfig
 from hpmkd.distill_batch import DistillBatch, ModelTaps, TeacherOutputs
 from hpmkd.ensemble import AGGREGATORS
 from hpmkd.features import FeatureTaps
@@ -42,9 +42,14 @@ class StepOutput:
 class CrossEntropyObjective(nn.Module):
     """``L = CE(z_S, y)``: how teachers and the student trained alone learn."""
 
+    needs_teachers = False
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.student = model
+
+    def setup(self, x: Tensor, y: Tensor, index: Tensor, teachers: TeacherOutputs | None, **kwargs: Any) -> None:
+        """Cross-entropy has no shape-dependent parts."""
 
     def forward(self, x: Tensor, y: Tensor, index: Tensor, teachers: TeacherOutputs | None = None, **_: Any) -> StepOutput:
         logits = self.student(x)
@@ -66,6 +71,8 @@ class CrossEntropyObjective(nn.Module):
 
 class Distiller(nn.Module):
     """Student + KD methods + multi-teacher aggregator + temperature schedule, built from a :class:`DistillConfig`."""
+
+    needs_teachers = True
 
     def __init__(
         self,
@@ -96,8 +103,7 @@ class Distiller(nn.Module):
             self.method_weights[name] = weight
         self.methods = nn.ModuleDict(methods)
         agg = recipe.aggregator_choice()
-        agg_context = {k: v for k, v in context.items() if k in AGGREGATOR_CONTEXT}
-        self.aggregator = AGGREGATORS.build(agg.name, agg.options, "distill.aggregator", input_shape=input_shape, **agg_context)
+        self.aggregator = AGGREGATORS.build(agg.name, agg.options, "distill.aggregator", input_shape=input_shape, **context)
         sched = recipe.temperature_choice()
         self.schedule = SCHEDULES.build(sched.name, sched.options, "distill.temperature")
         tap_names = sorted(set().union(*(m.student_tap_names() for m in self.methods.values())) if methods else set())

@@ -11,8 +11,12 @@ returns an :class:`AggregateOut`: weights whose rows sum to 1, plus optional ext
 Every aggregator is built as ``AGGREGATORS.build(name, options, num_teachers=M, num_classes=C, input_shape=shape)``.
 With a single teacher every aggregator returns weights of ones and no terms (there is nothing to weigh).
 
-Sources: METHODS.md section 2 (MT-BKD entropy weights), 3.3 (HPM-KD attention), 4 (HumP-KD, reconstructed),
-5.7 (CA-MKD), 5.8 (AVER / EBKD).
+Sources: MT-BKD entropy weights (Fang, Chen, Cai, Ma, Zhong, arXiv 2605.27967; reference code
+``AnonymousSub1/MTBKD``, ``loss_fn_kd_mix_weighted``); HPM-KD attention (Haase & Dourado da Silva, arXiv 2512.09886;
+authors' draft ``guhaase/papers-deepbridge`` ``01_HPM-KD_Framework/POR/sections/04-methodology.tex``); HumP-KD
+(Mainuddin, Tabassum, Shahid, Khan, arXiv 2606.14684; only the abstract is public, so its formulas here are our
+reconstruction); CA-MKD (Zhang, Chen, Wang, ICASSP 2022, arXiv 2201.00007, ``Rorozhl/CA-MKD``); AVER / EBKD (the
+multi-teacher baselines in ``Rorozhl/CA-MKD``).
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def uniform(teacher_logits: Tensor) -> Tensor:
     return torch.full((b, m), 1.0 / m, dtype=teacher_logits.dtype, device=teacher_logits.device)
 
 
-AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
+AGGREGATORS: Registry[Aggregator] = Registry("aggregator", context=("num_teachers", "num_classes", "input_shape"))
 
 
 class Uniform(Aggregator):
@@ -131,32 +135,33 @@ class Uniform(Aggregator):
 
 @AGGREGATORS.register("mean_logits")
 class MeanLogits(Uniform):
-    """Average of the teachers' logits, target ``σ((1/M) Σ_m z_m / T)`` (HPM-KD's recommended logit mixing with
-    uniform weights, METHODS.md 3.3)."""
+    """Average of the teachers' logits, target ``σ((1/M) Σ_m z_m / T)`` (the logit mixing we use for HPM-KD's
+    attention ensemble, arXiv 2512.09886, here with uniform weights)."""
 
     mix = "logits"
 
 
 @AGGREGATORS.register("mean_probs")
 class MeanProbs(Uniform):
-    """Average of the teachers' soft labels, target ``(1/M) Σ_m σ(z_m / T)`` (METHODS.md 5.8, "the common
-    alternative" to AVER; the tabular health-data paper averages teacher probabilities)."""
+    """Average of the teachers' soft labels, target ``(1/M) Σ_m σ(z_m / T)`` (the common alternative to AVER's
+    averaged losses in ``Rorozhl/CA-MKD``; the tabular health-data distillation paper, arXiv 2605.18702, averages
+    teacher probabilities)."""
 
     mix = "probs"
 
 
 @AGGREGATORS.register("mean_loss")
 class MeanLoss(Uniform):
-    """AVER: the average of the per-teacher KD losses, ``(1/M) Σ_m ℓ(teacher m)`` (CA-MKD repo ``AVERAGE_LOSS``,
-    METHODS.md 5.8)."""
+    """AVER: the average of the per-teacher KD losses, ``(1/M) Σ_m ℓ(teacher m)`` (``AVERAGE_LOSS`` in the CA-MKD
+    repository ``Rorozhl/CA-MKD``; Zhang, Chen, Wang, ICASSP 2022)."""
 
     mix = "loss"
 
 
 @AGGREGATORS.register("entropy")
 class EntropyWeights(Aggregator):
-    """EBKD / MT-BKD entropy weights, per sample and detached (MT-BKD ``loss_fn_kd_mix_weighted``, METHODS.md 2;
-    EBKD in the CA-MKD repo, METHODS.md 5.8)::
+    """EBKD / MT-BKD entropy weights, per sample and detached (MT-BKD, Fang et al., arXiv 2605.27967, reference code
+    ``AnonymousSub1/MTBKD`` ``loss_fn_kd_mix_weighted``; EBKD in the CA-MKD repository ``Rorozhl/CA-MKD``)::
 
         q_m = σ(z_m)  (T = 1);   H_m = −Σ_c q_m,c log q_m,c
         w̃_m = 1 − H_m / Σ_j H_j;   w_m = w̃_m / Σ_j w̃_j   (= w̃_m / (M − 1))
@@ -179,8 +184,8 @@ class EntropyWeights(Aggregator):
 
 @AGGREGATORS.register("confidence")
 class ConfidenceWeights(Aggregator):
-    """CA-MKD confidence weights, per sample and detached (Zhang et al., ICASSP 2022; ``Rorozhl/CA-MKD``
-    ``helper/loops.py``; METHODS.md 5.7)::
+    """CA-MKD confidence weights, per sample and detached (Zhang, Chen, Wang, ICASSP 2022, arXiv 2201.00007;
+    ``Rorozhl/CA-MKD`` ``helper/loops.py``)::
 
         ℓ_k = CE(z_k, y)   (T = 1);    w_k = (1 − softmax_k(ℓ_·)) / (K − 1)
 
@@ -200,8 +205,9 @@ class ConfidenceWeights(Aggregator):
 
 @AGGREGATORS.register("variance")
 class VarianceWeights(Aggregator):
-    """HumP-KD uncertainty weighting from inter-teacher prediction variance. **Reconstruction** (METHODS.md 4
-    [RECON]: the paper's text and code were not available; every formula here is our choice)::
+    """HumP-KD uncertainty weighting from inter-teacher prediction variance. **Our reconstruction** (Mainuddin,
+    Tabassum, Shahid, Khan, arXiv 2606.14684, publish only the abstract: the paper's text and code were not
+    available; every formula here is our choice)::
 
         q_m = σ(z_m / τ);   q̄ = (1/M) Σ_m q_m;   u_m = ||q_m − q̄||²    (deviation from the consensus)
         a_m = softmax_m(−u_m / κ)                                          (target q* = Σ_m a_m q_m, mix = probs)
@@ -260,8 +266,9 @@ def feature_size(input_shape: tuple[int, ...], pool_size: int) -> int:
 
 @AGGREGATORS.register("attention")
 class AttentionWeights(Aggregator):
-    """HPM-KD attention-weighted multi-teacher ensemble (AWMT; Haase & da Silva, arXiv 2512.09886, authors' draft
-    ``04-methodology.tex``, METHODS.md 3.3 [AUTHOR-REPO])::
+    """HPM-KD attention-weighted multi-teacher ensemble (AWMT; Haase & Dourado da Silva, arXiv 2512.09886;
+    equations from the authors' draft, ``guhaase/papers-deepbridge``
+    ``01_HPM-KD_Framework/POR/sections/04-methodology.tex``)::
 
         h    = MLP1([φ(x); t_1; …; t_M; q_1; …; q_M])      (t_m learned teacher embeddings)
         a(x) = softmax_m(MLP2(h))                          (per-sample weights, mix = logits:
@@ -282,8 +289,8 @@ class AttentionWeights(Aggregator):
     Our choices, each an option: the teachers' softened probabilities ``q_m = σ(z_m / T)`` (T detached) as extra
     input (``use_teacher_probs``); the label term ``attn_label`` (``label_weight`` λ, default 1.0) so the weights
     also learn which teacher is right: the KD loss alone only pulls the target toward the student
-    (``label_weight: 0`` with ``learn_from_kd: true`` gives the paper's pure form); mixing logits rather than probabilities (the draft is
-    ambiguous, METHODS.md recommends logits).
+    (``label_weight: 0`` with ``learn_from_kd: true`` gives the paper's pure form); mixing logits rather than
+    probabilities (the draft is ambiguous, writing both; logits are our reading).
     """
 
     mix = "logits"

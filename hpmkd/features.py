@@ -168,7 +168,7 @@ class ConvReg(nn.Module):
 
 def conv1x1_adapter(student_shape: Shape, teacher_shape: Shape) -> nn.Module:
     """``φ(F) = W ∗ F + b``: a 1×1 convolution from the student's to the teacher's channels (spatial size kept);
-    the ``φ_l`` of the HumP-KD reconstruction (METHODS.md section 4)."""
+    the ``φ_l`` of the HumP-KD reconstruction (our reconstruction of HumP-KD, arXiv 2606.14684, abstract only)."""
     check_shapes(student_shape, teacher_shape, 4, "conv1x1")
     return nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1)
 

@@ -1,9 +1,11 @@
 """Meta-features of a distillation task: what the adaptive configuration manager compares to find similar past stages.
 
-HPM-KD's Adaptive Configuration Manager (shared/METHODS.md §3.1) describes a task by dataset meta-features (size,
-dimension, number of classes, imbalance ρ = max_k p_k / min_k p_k, label entropy −Σ p_k log p_k) and model
-meta-features (teacher and student parameter counts, their ratio, the architecture, the teacher's accuracy). A
-:class:`TaskFeatures` holds exactly those, plus the distillation methods, for one (data, teachers, student) task.
+HPM-KD's Adaptive Configuration Manager (Haase & Dourado da Silva, arXiv 2512.09886; authors' draft
+``guhaase/papers-deepbridge`` ``01_HPM-KD_Framework/POR/sections/04-methodology.tex``) describes a task by dataset
+meta-features (size, dimension, number of classes, imbalance ρ = max_k p_k / min_k p_k, label entropy
+−Σ p_k log p_k) and model meta-features (teacher and student parameter counts, their ratio, the architecture, the
+teacher's accuracy). A :class:`TaskFeatures` holds exactly those, plus the distillation methods, for one
+(data, teachers, student) task.
 
 Our choices (the paper's list is kept; its feature mean/var/skew/kurtosis are left out because the data are already
 standardised per channel): the label entropy is normalised by ``log K`` (1 = balanced); sizes and ratios enter the

@@ -1,8 +1,10 @@
 """Proposals: starting configurations for a new distillation task, from what similar past tasks learned.
 
-HPM-KD's Adaptive Configuration Manager (shared/METHODS.md §3.1) keeps a history ``H = {(m_j, c_j, perf_j)}`` of
-meta-features, configurations and outcomes; with ``|H| > 50`` a gradient-boosted regressor predicts the
-configuration, otherwise the top-5 most similar past tasks' configurations are averaged. :func:`propose` follows it:
+HPM-KD's Adaptive Configuration Manager (Haase & Dourado da Silva, arXiv 2512.09886; authors' draft
+``guhaase/papers-deepbridge`` ``01_HPM-KD_Framework/POR/sections/04-methodology.tex``) keeps a history
+``H = {(m_j, c_j, perf_j)}`` of meta-features, configurations and outcomes; with ``|H| > 50`` a gradient-boosted
+regressor predicts the configuration, otherwise the top-5 most similar past tasks' configurations are averaged.
+:func:`propose` follows it:
 
 * **no usable history** (no record has every searched hyperparameter): the published defaults
   (:mod:`hpmkd.search_space`), source ``defaults``;

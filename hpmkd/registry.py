@@ -40,8 +40,10 @@ class Registry(Generic[T]):
     ... class KD: ...
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, context: Iterable[str] = ()):
         self.kind = kind
+        #: keyword arguments hpmkd itself passes to every factory (the build context); never user options
+        self.context = tuple(context)
         self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -73,14 +75,14 @@ class Registry(Generic[T]):
                 f"Known {self.kind}s: {', '.join(self.names())}."
             ) from None
 
-    def check_options(self, name: str, options: dict[str, Any], path: str = "", context: Iterable[str] = ()) -> None:
+    def check_options(self, name: str, options: dict[str, Any], path: str = "") -> None:
         """Raise :class:`ConfigError` if ``options`` has a key the factory does not accept.
 
-        ``context`` lists keyword arguments that hpmkd itself supplies (for instance ``num_teachers``); the user may
-        not set those and they are not listed as allowed.
+        The registry's :attr:`context` (keyword arguments hpmkd itself supplies, for instance ``num_teachers``) may not
+        be set by the user and is not listed as allowed.
         """
         factory = self.get(name, path)
-        allowed = user_options(factory, context)
+        allowed = user_options(factory, self.context)
         if allowed is None:  # factory takes **kwargs: anything goes
             return
         for key in options:
@@ -94,7 +96,7 @@ class Registry(Generic[T]):
     def build(self, name: str, options: dict[str, Any] | None = None, path: str = "", **context: Any) -> T:
         """Check ``options`` and call the factory with ``context`` and ``options`` as keyword arguments."""
         options = dict(options or {})
-        self.check_options(name, options, path, context)
+        self.check_options(name, options, path)
         factory = self.get(name, path)
         accepted = user_options(factory, ())
         if accepted is not None:  # pass only the context keys the factory takes

@@ -1,19 +1,26 @@
 """What the adaptive configuration manager tunes: the ``config_manager`` section, its hyperparameters and their space.
 
 A hyperparameter is a named knob with a published default, a default search range and the config keys a value
-sets. :data:`HYPERPARAMETERS` holds the ones HPM-KD's configuration manager tunes (shared/METHODS.md §3.1:
-"T0 ∈ [2, 8], α ∈ [0, 1], lr ∈ [1e-5, 1e-2], wd ∈ [1e-6, 1e-3], chain threshold ε ∈ [0.005, 0.05]"); any other
+sets. :data:`HYPERPARAMETERS` holds the ones HPM-KD's configuration manager tunes (Haase & Dourado da Silva, arXiv
+2512.09886, authors' draft ``04-methodology.tex``: T0 ∈ [2, 8], α ∈ [0, 1], lr ∈ [1e-5, 1e-2], wd ∈ [1e-6, 1e-3],
+chain threshold ε ∈ [0.005, 0.05]); any other
 numeric config key can be searched by giving its dotted path (``distill.methods.dkd.beta``) with explicit ``low`` /
 ``high``. The chain threshold is proposed (from the memory, or its published default) but not searched: a Tune trial
 is one direct distillation, whose outcome does not depend on it.
 
 | name | config keys it sets | published default (source) | default range |
 |---|---|---|---|
-| ``T`` | ``distill.temperature.T`` | 4 (Hinton 2015; mdistiller/RepDistiller CIFAR, METHODS §5.1) | [1, 8] |
-| ``kd_share`` | ``distill.ce_weight`` = 1 − s, ``distill.methods.<m>.weight`` = s | 0.9 (CE 0.1 / KD 0.9, §5.1) | [0, 1] |
-| ``lr`` | ``distill.train.lr`` | 0.05 SGD (RepDistiller, §5); 1e-3 Adam/AdamW (HPM-KD draft) | default ÷10 … ×10, log |
-| ``weight_decay`` | ``distill.train.weight_decay`` | 5e-4 (RepDistiller, §5) | [1e-6, 1e-3], log (HPM-KD) |
-| ``chain_threshold`` | ``chain.epsilon`` | 0.01 (HPM-KD, §3.2) | proposed only, when ``chain.epsilon`` is set |
+| ``T`` | ``distill.temperature.T`` | 4 (Hinton KD; mdistiller / RepDistiller CIFAR) | [1, 8] |
+| ``kd_share`` | ``distill.ce_weight`` = 1 − s, ``distill.methods.<m>.weight`` = s | 0.9 (CE 0.1 / KD 0.9) | [0, 1] |
+| ``lr`` | ``distill.train.lr`` | 0.05 SGD (RepDistiller); 1e-3 Adam/AdamW (HPM-KD) | default ÷10 … ×10, log |
+| ``weight_decay`` | ``distill.train.weight_decay`` | 5e-4 (RepDistiller) | [1e-6, 1e-3], log (HPM-KD) |
+| ``chain_threshold`` | ``chain.epsilon`` | 0.01 (HPM-KD) | proposed only, when ``chain.epsilon`` is set |
+
+Sources of the defaults: Hinton KD (Hinton, Vinyals, Dean 2015, arXiv 1503.02531) with ``T = 4`` as in the CIFAR
+configs of mdistiller (``megvii-research/mdistiller``) and RepDistiller (``HobbitLong/RepDistiller``), CE weight 0.1
+and KD weight 0.9 as in mdistiller's CIFAR config; SGD lr 0.05 and weight decay 5e-4 from the RepDistiller CIFAR-100
+protocol; HPM-KD (Haase & Dourado da Silva, arXiv 2512.09886): Adam 1e-3, the ranges and the chain threshold ε
+(typically 0.01) from the authors' draft.
 
 ``kd_share`` is HPM-KD's α written with hpmkd's explicit weights (never an ``alpha`` key): the convex split between
 the label loss and the distillation method ``m`` (``kd`` when present, otherwise the only method, or the ``method``
@@ -30,6 +37,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
+from hpmkd.config import SECTIONS, check_recipe
 from hpmkd.config_schema import join
 from hpmkd.registry import ConfigError, did_you_mean
 
@@ -94,20 +102,20 @@ register(Hyperparameter(
 ))
 register(Hyperparameter(
     "lr", True, "RepDistiller CIFAR protocol (SGD 0.05); HPM-KD draft protocol (Adam 1e-3)",
-    published=lambda cfg: PUBLISHED_LR[cfg.distill_train().optimizer],
-    bounds=lambda cfg: (PUBLISHED_LR[cfg.distill_train().optimizer] / 10, PUBLISHED_LR[cfg.distill_train().optimizer] * 10),
-    read=lambda cfg, _: cfg.distill_train().lr,
+    published=lambda cfg: PUBLISHED_LR[cfg.recipe().train.optimizer],
+    bounds=lambda cfg: (PUBLISHED_LR[cfg.recipe().train.optimizer] / 10, PUBLISHED_LR[cfg.recipe().train.optimizer] * 10),
+    read=lambda cfg, _: cfg.recipe().train.lr,
     overrides=lambda v, _: {"distill.train.lr": v},
 ))
 register(Hyperparameter(
     "weight_decay", True, "RepDistiller CIFAR protocol (5e-4)",
     published=lambda cfg: 5e-4,
     bounds=lambda cfg: (1e-6, 1e-3),
-    read=lambda cfg, _: cfg.distill_train().weight_decay,
+    read=lambda cfg, _: cfg.recipe().train.weight_decay,
     overrides=lambda v, _: {"distill.train.weight_decay": v},
 ))
 register(Hyperparameter(
-    "chain_threshold", False, "HPM-KD chain stop rule, epsilon typically 0.01 (METHODS §3.2)",
+    "chain_threshold", False, "HPM-KD chain stop rule, epsilon typically 0.01 (Haase & Dourado da Silva, arXiv 2512.09886)",
     published=lambda cfg: 0.01,
     bounds=lambda cfg: (0.005, 0.05),
     read=lambda cfg, _: cfg.chain.epsilon,
@@ -168,6 +176,7 @@ def default_search_space() -> dict[str, SearchDimension]:
     return {name: SearchDimension() for name, hp in HYPERPARAMETERS.items() if hp.searchable}
 
 
+@SECTIONS.register(SECTION)
 @dataclass
 class ConfigManagerConfig:
     """The adaptive configuration manager (docs/config_manager.md): a ``tune`` stage before distillation.
@@ -228,6 +237,20 @@ class ConfigManagerConfig:
         if self.searcher == "optuna" and importlib.util.find_spec("optuna") is None:
             raise ConfigError(f"{join(path, 'searcher')}: 'optuna' needs the optuna package (pip install optuna), "
                               f"or use searcher: random.")
+
+    def check_with(self, cfg: Any) -> None:
+        """With the manager enabled, both ends of every searched range must give a valid recipe (a temperature option
+        the schedule lacks, an initial ``T`` outside the schedule's range, a method that is not configured: reported
+        here, before Ray starts)."""
+        if not self.enabled:
+            return
+        for dim in build_space(cfg).dims:
+            for value in (dim.low, dim.high):
+                try:
+                    check_recipe(cfg.with_overrides(dim.overrides(value)).recipe(), "distill")
+                except ConfigError as err:
+                    raise ConfigError(f"{SECTION}.search_space.{dim.name}: at {value} it sets {err} "
+                                      f"Change the range, or drop {dim.name} from the search space.") from err
 
 
 @dataclass(frozen=True)

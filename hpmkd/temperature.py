@@ -7,9 +7,10 @@ schedule with the objective's ``state_dict`` (its running statistics are buffers
 The ``meta`` schedule also learns ``T`` from validation batches through :meth:`MetaTemperature.hyper_step`
 (``learns_from_validation = True``).
 
-The HPM-KD meta-temperature scheduler (METHODS.md 3.4 [AUTHOR-REPO]) writes every adaptive schedule as
-``T(t) = T_min + (T_max − T_min) · s(t)`` with ``s ∈ [0, 1]``, so every schedule here stays in ``[T_min, T_max]``
-(defaults 2 and 6, the paper's range; initial ``T`` 4).
+The HPM-KD meta-temperature scheduler (Haase & Dourado da Silva, arXiv 2512.09886; equations from the authors'
+draft, ``guhaase/papers-deepbridge`` ``01_HPM-KD_Framework/POR/sections/04-methodology.tex``) writes every adaptive
+schedule as ``T(t) = T_min + (T_max − T_min) · s(t)`` with ``s ∈ [0, 1]``, so every schedule here stays in
+``[T_min, T_max]`` (defaults 2 and 6, the paper's range; initial ``T`` 4).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ class FixedTemperature(TemperatureSchedule):
 @SCHEDULES.register("linear")
 class LinearTemperature(RangedSchedule):
     """Linear decay from ``T_max`` to ``T_min`` over training: ``s(t) = 1 − t / t_max``, ``t_max`` = total steps
-    (HPM-KD's measured runs decay ``T`` linearly, METHODS.md 3 "Reliability warning"; the endpoints are ours)."""
+    (the HPM-KD authors' measured runs decay ``T`` linearly, ``T_e = T0 · (1 − 0.5 e / E)`` in ``train_hpmkd_simple``
+    of ``guhaase/papers-deepbridge`` ``01_HPM-KD_Framework/POR/experiments/scripts/01b_compression_ratios.py``; the
+    endpoints are ours)."""
 
     def __init__(self, T_min: float = 2.0, T_max: float = 6.0):
         super().__init__(T_min, T_max, initial=T_max)
@@ -140,9 +143,9 @@ class LinearTemperature(RangedSchedule):
 
 @SCHEDULES.register("cosine")
 class CosineTemperature(RangedSchedule):
-    """HPM-KD MTS cosine strategy (METHODS.md 3.4 [AUTHOR-REPO]): ``s(t) = (1 + cos(π t / t_max)) / 2`` with
-    ``t_max`` the total number of steps (the draft writes ``T_max``, a typo), so ``T`` goes from ``T_max`` to
-    ``T_min``."""
+    """HPM-KD MTS cosine strategy (arXiv 2512.09886, authors' draft ``04-methodology.tex``):
+    ``s(t) = (1 + cos(π t / t_max)) / 2`` with ``t_max`` the total number of steps (the draft writes ``T_max``, a
+    typo), so ``T`` goes from ``T_max`` to ``T_min``."""
 
     def __init__(self, T_min: float = 2.0, T_max: float = 6.0):
         super().__init__(T_min, T_max, initial=T_max)
@@ -153,7 +156,8 @@ class CosineTemperature(RangedSchedule):
 
 @SCHEDULES.register("loss_based")
 class LossBasedTemperature(RangedSchedule):
-    """HPM-KD MTS loss-based strategy (METHODS.md 3.4 [AUTHOR-REPO]): ``s = (L − L_min) / (L_max − L_min)``.
+    """HPM-KD MTS loss-based strategy (arXiv 2512.09886, authors' draft ``04-methodology.tex``):
+    ``s = (L − L_min) / (L_max − L_min)``.
 
     Our choices (options): ``L`` is an exponential moving average of the train loss,
     ``L ← m · L + (1 − m) · loss`` (``momentum`` m, default 0.98; started at the first loss), and ``L_min``,
@@ -184,8 +188,9 @@ class LossBasedTemperature(RangedSchedule):
 
 @SCHEDULES.register("convergence")
 class ConvergenceTemperature(RangedSchedule):
-    """HPM-KD MTS convergence strategy (METHODS.md 3.4 [AUTHOR-REPO]): ``s = exp(−λ · |dL/dt|)``: ``T`` is low
-    while the loss moves fast and rises toward ``T_max`` as training converges.
+    """HPM-KD MTS convergence strategy (arXiv 2512.09886, authors' draft ``04-methodology.tex``):
+    ``s = exp(−λ · |dL/dt|)``: ``T`` is low while the loss moves fast and rises toward ``T_max`` as training
+    converges.
 
     Our choices (options): ``L`` is an exponential moving average of the train loss (``momentum`` m, default 0.98,
     started at the first loss); ``dL/dt`` is measured per epoch, the change of ``L`` over one step times the steps
@@ -235,7 +240,8 @@ ValLossFn = Callable[[dict[str, Tensor]], Tensor]
 @SCHEDULES.register("meta")
 class MetaTemperature(TemperatureSchedule):
     """A temperature learned from validation data by a one-step look-ahead hypergradient (HPM-KD's "meta-temperature"
-    idea, METHODS.md 3.4; the authors' library fits an MLP regressor on training-state features instead, so this
+    idea, arXiv 2512.09886; the authors' library, ``DeepBridge-Validation/DeepBridge``
+    ``deepbridge/distillation/techniques/hpm/``, fits an MLP regressor on training-state features instead, so this
     hypergradient form is our choice, in the style of DARTS / MAML one-step unrolling)::
 
         T = T_min + (T_max − T_min) · sigmoid(ρ)             (ρ an nn.Parameter; starts so that T = T)
@@ -272,7 +278,16 @@ class MetaTemperature(TemperatureSchedule):
             raise ValueError(f"meta_lr must be a positive number, got {meta_lr}.")
         fraction = (T - self.T_min) / (self.T_max - self.T_min)
         self.rho = nn.Parameter(torch.tensor(math.log(fraction / (1.0 - fraction))))
-        self.optimizer = META_OPTIMIZERS.get(meta_optimizer, "meta_optimizer")([self.rho], lr=self.meta_lr)
+        self.optimizer_class = META_OPTIMIZERS.get(meta_optimizer, "meta_optimizer")
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser of ``ρ``, made on first use (making one imports torch's compiler stack, about a second, which
+        validating a config never needs)."""
+        if self._optimizer is None:
+            self._optimizer = self.optimizer_class([self.rho], lr=self.meta_lr)
+        return self._optimizer
 
     def current(self) -> Tensor:
         """``T_min + (T_max − T_min) · sigmoid(ρ)``; differentiable with respect to ``ρ``."""

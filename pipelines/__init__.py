@@ -1,20 +1,34 @@
-"""Named pipelines: each turns a validated config into a graph of stages (see ``components.scheduler.Stage``)."""
+"""Named pipelines: each turns a validated config into a graph of stages (:class:`hpmkd.components.graph.Stage`).
+
+Importing this package registers every pipeline and the config sections they own; it imports neither Ray nor
+MLflow (``hpmkd validate`` plans an experiment with it). The runner is :mod:`hpmkd.pipelines.runner`.
+"""
 
 from __future__ import annotations
 
-from components.scheduler import Stage
-from hpmkd.ablation import effective_config
+from dataclasses import dataclass
+
+from hpmkd.components.graph import Stage
 from hpmkd.config import ExperimentConfig
-from pipelines.config_manager import with_tune_stage
-from pipelines.registry import PIPELINES
-from pipelines import chain, hpmkd, kd, smskd  # noqa: F401  (register "takd", "hpmkd", "kd", "smskd")
+from hpmkd.pipelines import chain, hpmkd, kd, smskd  # noqa: F401  (register "takd", "hpmkd", "kd", "smskd")
+from hpmkd.pipelines.config_manager import with_tune_stage
+from hpmkd.pipelines.registry import PIPELINES
+from hpmkd.pipelines.switches import effective_config
 
-__all__ = ["PIPELINES", "build_stages"]
+__all__ = ["PIPELINES", "ExperimentPlan", "plan_experiment"]
 
 
-def build_stages(cfg: ExperimentConfig) -> list[Stage]:
-    """The graph of ``cfg.pipeline`` for the effective config (components switched off replaced by their plain
-    counterparts, :func:`hpmkd.ablation.effective_config`; idempotent, so a config already made effective is
-    unchanged), plus what every pipeline can add (the configuration manager's ``tune`` stage)."""
+@dataclass(frozen=True)
+class ExperimentPlan:
+    """What runs: the effective config (components switched off replaced by their plain counterparts,
+    :func:`~hpmkd.pipelines.switches.effective_config`) and its stage graph."""
+
+    cfg: ExperimentConfig
+    stages: list[Stage]
+
+
+def plan_experiment(cfg: ExperimentConfig) -> ExperimentPlan:
+    """The graph of ``cfg.pipeline`` for the effective config, plus what every pipeline can add (the configuration
+    manager's ``tune`` stage)."""
     cfg = effective_config(cfg)
-    return with_tune_stage(cfg, PIPELINES.get(cfg.pipeline, "pipeline")(cfg))
+    return ExperimentPlan(cfg, with_tune_stage(cfg, PIPELINES.get(cfg.pipeline, "pipeline")(cfg)))

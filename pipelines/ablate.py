@@ -1,8 +1,8 @@
 """``hpmkd ablate``: the full pipeline and each single-component removal, over seeds, in one MLflow experiment.
 
 Variant ``full`` is the config as given (with its ``--set`` overrides); variant ``no_<c>`` adds
-``components.<c>=false``: HPM-KD's component ``c`` replaced by its plain counterpart (:mod:`hpmkd.ablation`). Each
-(variant, seed) is one :func:`pipelines.runner.run_experiment` run, seed by seed (the full pipeline first), in the
+``components.<c>=false``: HPM-KD's component ``c`` replaced by its plain counterpart (:mod:`hpmkd.pipelines.switches`). Each
+(variant, seed) is one :func:`hpmkd.pipelines.runner.run_experiment` run, seed by seed (the full pipeline first), in the
 config's experiment, so every stage the removal does not change (teachers, their logit cache, ...) is computed once
 per seed and reused by its content key (but not by ``no_memory``, which recomputes by design).
 
@@ -10,8 +10,8 @@ Every pipeline run is tagged ``ablation`` (the ablation's id: a digest of the co
 storage locations, :func:`ablation_id`, so rerunning the same ablation gives the same id) and ``ablation_variant``.
 A rerun skips each (variant, seed) that already has a FINISHED run of the ablation, so a crash loses only the run in
 progress; a variant that fails is recorded FAILED by the runner and the ablation goes on. Then the table is computed
-from the MLflow records alone (:mod:`components.report.ablation`), written into the output folder
-(:func:`components.report.ablation_files.write_ablation`) and logged as the artifacts of one run tagged
+from the MLflow records alone (:mod:`hpmkd.components.report.ablation`), written into the output folder
+(:func:`hpmkd.components.report.ablation_files.write_ablation`) and logged as the artifacts of one run tagged
 ``kind=ablation``.
 """
 
@@ -24,17 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from components.report.ablation import ABLATION_TAG, FULL, VARIANT_TAG, AblationTable, ablation_table, removal
-from components.report.ablation_files import write_ablation
-from components.report.records import load_experiment
-from components.report.tables import comparable
-from components.tracking import Tracker, default_tracking_uri
-from hpmkd.ablation import COMPONENTS, effective_config
+from hpmkd.components.report.ablation import ABLATION_TAG, FULL, VARIANT_TAG, AblationTable, ablation_table, removal
+from hpmkd.components.report.ablation_files import write_ablation
+from hpmkd.components.report.records import load_experiment
+from hpmkd.components.report.tables import comparable
+from hpmkd.components.tracking import Tracker, default_tracking_uri
+from hpmkd.pipelines.switches import COMPONENTS, effective_config
 from hpmkd.config import ExperimentConfig, load_config
 from hpmkd.config_schema import flatten
 from hpmkd.registry import ConfigError, did_you_mean
-from pipelines import build_stages
-from pipelines.runner import run_experiment
+from hpmkd.pipelines import plan_experiment
+from hpmkd.pipelines.runner import run_experiment
 
 log = logging.getLogger("hpmkd")
 
@@ -68,7 +68,7 @@ def variants(components: Sequence[str]) -> list[Variant]:
 
 
 def ablation_id(cfg: ExperimentConfig) -> str:
-    """A digest of ``cfg`` without the seed and the storage locations (:func:`components.report.tables.comparable`):
+    """A digest of ``cfg`` without the seed and the storage locations (:func:`hpmkd.components.report.tables.comparable`):
     the same config (whatever its seed or where it keeps things) is the same ablation."""
     payload = json.dumps(comparable(flatten(cfg.as_dict())), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -106,7 +106,7 @@ def plan_ablation(config: str | Path, seeds: int, components: Sequence[str] | No
     full = effective_config(plan.config_for(chosen[0], 0)).as_dict()
     for variant in chosen:
         cfg = plan.config_for(variant, 0)
-        build_stages(cfg)
+        plan_experiment(cfg)
         if variant.component is not None and same_but_switches(effective_config(cfg).as_dict(), full):
             log.warning("ablation: %s changes nothing in this config (pipeline %s): its runs repeat the full "
                         "pipeline's (every stage reused)", variant.name, cfg.pipeline)

@@ -1,6 +1,7 @@
-"""``takd``: the teachers' knowledge passed down a chain of teacher assistants to the student (TAKD, METHODS §5.6;
-HPM-KD's progressive chain, §3.2), and :func:`chain_stages`, the one chain builder every chain pipeline uses
-(``takd``, and ``hpmkd`` whose links also keep the teachers, :mod:`pipelines.hpmkd`).
+"""``takd``: the teachers' knowledge passed down a chain of teacher assistants to the student (TAKD, Mirzadeh et al.,
+AAAI 2020, arXiv 1902.03393; HPM-KD's progressive chain, arXiv 2512.09886), the ``chain`` config section, and
+:func:`chain_stages`, the one chain builder every chain pipeline uses (``takd``, and ``hpmkd`` whose links also keep
+the teachers, :mod:`hpmkd.pipelines.hpmkd`).
 
 Graph::
 
@@ -12,60 +13,97 @@ Graph::
 
 The assistants are given by hand (``chain.assistants``) or planned (:func:`hpmkd.chain.plan_chain`, ``chain.max_gap``
 and friends). Every step distils with the ``distill`` recipe: the first assistant from all the teachers, each
-later step from the one before. ``chain.epsilon`` turns on HPM-KD's stop rule at run time (see
-:func:`components.stages.distill`): assistants after a link whose relative validation gain fell below ε are
-skipped, and the student distils from the last assistant trained.
+later step from the one before. Each assistant is a ``chain_link`` stage; ``chain.epsilon`` turns on HPM-KD's stop
+rule at run time (:mod:`hpmkd.components.stages.distill`): assistants after a link whose relative validation gain
+fell below ε are skipped, and the student distils from the last assistant trained.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
-from components import chain_plan  # noqa: F401  (registers the "chain_plan" stage kind)
-from components.scheduler import Stage
-from hpmkd.chain import FIRST_TESTED_LINK, ChainPlan, count_model_params, describe_chain, plan_chain
-from hpmkd.config import ExperimentConfig, ModelConfig
+from hpmkd.chain import FIRST_TESTED_LINK, ChainPlan, describe_chain, plan_chain
+from hpmkd.components.graph import Stage
+from hpmkd.components.stage_params import ChainLink, ChainPlanRecord
+from hpmkd.config import SECTIONS, ExperimentConfig, check_model, positive
+from hpmkd.config_schema import join
 from hpmkd.data.loading import data_shape
-from pipelines.registry import PIPELINES, baseline_stages, distill_cpus, teacher_stages
+from hpmkd.models.ref import DataShape, ModelRef
+from hpmkd.pipelines.registry import PIPELINES, baseline_stages, distill_stage, teacher_stages
+from hpmkd.registry import ConfigError, did_you_mean
 
 log = logging.getLogger("hpmkd")
+
+
+@SECTIONS.register("chain")
+@dataclass
+class ChainConfig:
+    """A progressive distillation chain ``f_T = f_0 → f_1 → … → f_L = f_S`` (pipelines ``takd`` and ``hpmkd``; see
+    :mod:`hpmkd.chain` and docs/methods.md).
+
+    ``assistants``: the intermediate models ``f_1 … f_{L−1}`` by hand, largest first (TAKD's teacher assistants);
+    ``null`` plans them (:func:`hpmkd.chain.plan_chain`): sizes near ``|θ_T|·r^{i/L}`` in the student's family,
+    ``L`` the fewest steps (at most ``max_steps``) whose every size ratio ``|θ_{i−1}|/|θ_i|`` is at most
+    ``max_gap``, scaling ``width``, ``depth`` or ``both``. ``plan_from``: the teacher whose size is ``|θ_T|``
+    (default: the largest). ``epsilon``: HPM-KD's stop rule (arXiv 2512.09886, progressive chain), ``null`` = off:
+    after assistant ``i >= 2`` whose relative validation gain ``(Acc_i − Acc_{i−1})/Acc_{i−1}`` is below ε, the
+    remaining assistants are skipped and the student distils from assistant ``i``.
+    """
+
+    assistants: list[ModelRef] | None = None
+    max_gap: float = 4.0
+    max_steps: int = 6
+    scale: Literal["width", "depth", "both"] = "both"
+    plan_from: str | None = None
+    epsilon: float | None = None
+
+    def check(self, path: str) -> None:
+        if not self.max_gap > 1:
+            raise ConfigError(f"{join(path, 'max_gap')}: must be > 1 (the largest size ratio allowed between "
+                              f"consecutive models of the chain), got {self.max_gap}.")
+        positive(path, max_steps=self.max_steps)
+
+    def check_with(self, cfg: ExperimentConfig) -> None:
+        names = cfg.teacher_names()
+        if self.plan_from is not None and self.plan_from not in names:
+            raise ConfigError(f"chain.plan_from: no teacher named {self.plan_from!r}.{did_you_mean(self.plan_from, names)} "
+                              f"Teachers: {', '.join(names)}.")
+        for i, assistant in enumerate(self.assistants or []):
+            check_model(assistant, f"chain.assistants.{i}")
 
 
 def plan_for(cfg: ExperimentConfig) -> ChainPlan:
     """The chain from the teacher ``chain.plan_from`` (default: the largest) to the student, given by hand or
     planned; sized for the data set's classes and input shape."""
     num_classes, input_shape = data_shape(cfg.data.name, cfg.data.root, cfg.data.download)
-    candidates = [ModelConfig(t.model, t.options) for t in cfg.teachers if cfg.chain.plan_from in (None, t.name)]
-    teacher = max(candidates, key=lambda m: count_model_params(m, num_classes, input_shape))
-    student = ModelConfig(cfg.student.model, cfg.student.options)
+    shape = DataShape(num_classes, input_shape)
+    candidates = [t.ref for t in cfg.teachers if cfg.chain.plan_from in (None, t.name)]
+    teacher = max(candidates, key=lambda m: m.count_params(shape))
     if cfg.chain.assistants is not None:
-        return describe_chain(teacher, cfg.chain.assistants, student, num_classes=num_classes,
-                              input_shape=input_shape, max_gap=cfg.chain.max_gap)
-    return plan_chain(teacher, student, num_classes=num_classes, input_shape=input_shape, max_gap=cfg.chain.max_gap,
-                      scale=cfg.chain.scale, max_steps=cfg.chain.max_steps)
+        return describe_chain(teacher, cfg.chain.assistants, cfg.student.ref, shape=shape, max_gap=cfg.chain.max_gap)
+    return plan_chain(teacher, cfg.student.ref, shape=shape, max_gap=cfg.chain.max_gap, scale=cfg.chain.scale,
+                      max_steps=cfg.chain.max_steps)
 
 
 def chain_stages(cfg: ExperimentConfig, teachers: list[Stage], keep_teachers: bool = False) -> list[Stage]:
     """``chain_plan``, the assistants ``assistant_<i>`` and the student ``distill`` (module docstring). Each link
     distils from the previous link (the first from ``teachers``); with ``keep_teachers`` every later link distils
-    from ``teachers`` and the previous link together (HPM-KD, :mod:`pipelines.hpmkd`). Without assistants the
+    from ``teachers`` and the previous link together (HPM-KD, :mod:`hpmkd.pipelines.hpmkd`). Without assistants the
     student's stage is exactly ``kd``'s ``distill`` (same settings, so the same content key)."""
     plan = plan_for(cfg)
     log.info("chain plan (%d steps):\n%s\n%s", plan.steps, plan.table(), plan.why)
-    stages = [Stage("chain_plan", "chain_plan", params={"plan": plan.as_dict()}, cpus=0.0)]
+    stages = [Stage("chain_plan", ChainPlanRecord(plan.as_dict()), cpus=0.0)]
     first = [t.name for t in teachers]
     previous = first
     for i, assistant in enumerate(plan.assistants, start=1):
-        chain = {"index": i, "steps": plan.steps}
-        if i > FIRST_TESTED_LINK and cfg.chain.epsilon is not None:  # only these can be skipped by the ε rule
-            chain["epsilon"] = cfg.chain.epsilon
-        params = {"model": assistant.model.model, "options": assistant.model.options, "teachers": previous,
-                  "chain": chain}
-        stages.append(Stage(f"assistant_{i}", "distill", deps=previous, params=params,
-                            cpus=distill_cpus(cfg, len(previous))))
+        # only links after the first tested one can be skipped by the ε rule
+        epsilon = cfg.chain.epsilon if i > FIRST_TESTED_LINK else None
+        stages.append(distill_stage(cfg, f"assistant_{i}", previous, ChainLink, student=assistant.model, index=i,
+                                    steps=plan.steps, epsilon=epsilon))
         previous = [*first, f"assistant_{i}"] if keep_teachers else [f"assistant_{i}"]
-    student = {"teachers": previous} if plan.assistants else {}
-    stages.append(Stage("distill", "distill", deps=previous, params=student, cpus=distill_cpus(cfg, len(previous))))
+    stages.append(distill_stage(cfg, "distill", previous))
     return stages
 
 

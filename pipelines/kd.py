@@ -12,13 +12,12 @@ The distillation recipe (methods, weights, aggregator, temperature) is the confi
 
 from __future__ import annotations
 
-from components.scheduler import Stage
+from hpmkd.components.graph import Stage
 from hpmkd.config import ExperimentConfig
-from pipelines.registry import PIPELINES, baseline_stages, distill_cpus, teacher_stages
+from hpmkd.pipelines.registry import PIPELINES, baseline_stages, distill_stage, teacher_stages
 
 
 @PIPELINES.register("kd")
 def kd_pipeline(cfg: ExperimentConfig) -> list[Stage]:
     teachers = teacher_stages(cfg)
-    return [*teachers, *baseline_stages(cfg),
-            Stage("distill", "distill", deps=[t.name for t in teachers], cpus=distill_cpus(cfg))]
+    return [*teachers, *baseline_stages(cfg), distill_stage(cfg, "distill", [t.name for t in teachers])]

@@ -1,42 +1,59 @@
-"""The pipeline registry: ``PIPELINES.get(name)(cfg) -> list[Stage]``."""
+"""The pipeline registry, ``PIPELINES.get(name)(cfg) -> list[Stage]``, and the stages every pipeline shares.
+
+A pipeline is one module: a function registered here that turns a validated config into a graph of
+:class:`~hpmkd.components.graph.Stage` s with typed params (:mod:`hpmkd.components.stage_params`), plus the config
+section it owns (registered in :data:`hpmkd.config.SECTIONS`). Building a graph imports neither Ray nor MLflow.
+"""
 
 from __future__ import annotations
 
-from components.scheduler import Stage
-from components.teacher_outputs import choose_source
-from hpmkd.config import ExperimentConfig
+from hpmkd.components.graph import Stage
+from hpmkd.components.stage_params import Distill, LoadTeacher, TrainModel
+from hpmkd.config import ExperimentConfig, Recipe
 from hpmkd.registry import Registry
+from hpmkd.teachers import choose_source
 
 PIPELINES: Registry[list[Stage]] = Registry("pipeline")
 
 
+def worker_cpus(cfg: ExperimentConfig) -> float:
+    """CPUs of one training stage's Ray Train workers."""
+    return cfg.ray.num_workers * cfg.ray.cpus_per_worker
+
+
 def teacher_stages(cfg: ExperimentConfig) -> list[Stage]:
     """One stage per teacher: trained (``train_teacher``) or loaded from its checkpoint (``load_teacher``)."""
-    worker_cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    return [
-        Stage(
-            name=f"teacher_{t.name}",
-            kind="load_teacher" if t.checkpoint else "train_teacher",
-            params={"teacher": i},
-            cpus=0.0 if t.checkpoint else worker_cpus,
-        )
-        for i, t in enumerate(cfg.teachers)
-    ]
+    stages = []
+    for i, t in enumerate(cfg.teachers):
+        if t.checkpoint:
+            params, cpus = LoadTeacher(t.name, t.ref, t.checkpoint), 0.0
+        else:
+            params, cpus = TrainModel(t.ref, cfg.teacher_train(i), teacher=t.name), worker_cpus(cfg)
+        stages.append(Stage(f"teacher_{t.name}", params, cpus=cpus))
+    return stages
 
 
 def baseline_stages(cfg: ExperimentConfig) -> list[Stage]:
     """``student_alone`` (the student trained with cross-entropy only) when ``distill.baseline`` asks for it."""
     if not cfg.distill.baseline:
         return []
-    return [Stage("student_alone", "train_student", cpus=cfg.ray.num_workers * cfg.ray.cpus_per_worker)]
+    return [Stage("student_alone", TrainModel(cfg.student.ref, cfg.student_train()), cpus=worker_cpus(cfg))]
 
 
-def distill_cpus(cfg: ExperimentConfig, teachers: int | None = None) -> float:
+def distill_cpus(cfg: ExperimentConfig, recipe: Recipe, teachers: int) -> float:
     """CPUs a distillation stage holds at its peak: its Train workers plus the actors of its ``teachers`` models
-    (default: the config's teachers; replicas too) while they serve batches online; when the cache serves the
-    logits, the actors fill it and are released before the workers start, so the peak is the larger of the two."""
-    workers = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    count = len(cfg.teachers) if teachers is None else teachers
-    actors = count * cfg.ray.teacher_replicas * cfg.ray.teacher_cpus
-    online = choose_source(cfg.distill, cfg.data.augment, needs_features=False) == "online"
-    return workers + actors if online else max(workers, actors)
+    (replicas too) while they serve batches online; when the cache serves the logits, the actors fill it and are
+    released before the workers start, so the peak is the larger of the two."""
+    actors = teachers * cfg.ray.teacher_replicas * cfg.ray.teacher_cpus
+    online = choose_source(recipe.distill, cfg.data.augment, needs_features=False) == "online"
+    return worker_cpus(cfg) + actors if online else max(worker_cpus(cfg), actors)
+
+
+def distill_stage(cfg: ExperimentConfig, name: str, teachers: list[str], params_type: type[Distill] = Distill,
+                  after: tuple[str, ...] = (), **fields) -> Stage:
+    """A distillation stage of the config's student with the ``distill`` recipe from ``teachers`` (input stage
+    names), run after the stages it reads and ``after``; ``fields`` replace params (``student``, ``recipe``,
+    ``init_from`` ...) or add a subclass's."""
+    params = params_type(**{"student": cfg.student.ref, "recipe": cfg.recipe(), "teachers": tuple(teachers), **fields})
+    deps = list(dict.fromkeys([*teachers, *(d for d in (params.init_from, params.reference) if d), *after]))
+    return Stage(name, params, deps=deps, cpus=distill_cpus(cfg, params.recipe, len(teachers)))

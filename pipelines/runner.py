@@ -4,7 +4,7 @@ Everything that can be checked without Ray is checked first (config, data presen
 models), so bad input fails in seconds and records nothing half-done. The experiment gets one parent MLflow run;
 every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked FAILED, the
 stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
-``RUNNING`` by an earlier driver that died are marked ``KILLED`` first (:mod:`components.orphans`).
+``RUNNING`` by an earlier driver that died are marked ``KILLED`` first (:mod:`hpmkd.components.orphans`).
 """
 
 from __future__ import annotations
@@ -17,19 +17,16 @@ from typing import Any
 
 import yaml
 
-from components import orphans
-from components.ray_runtime import ensure_ray
-from components.scheduler import run_graph
-from components.stages import ExperimentContext, execute
-from components.tracking import Tracker, default_tracking_uri
-from hpmkd import checkpoint
-from hpmkd.ablation import effective_config
+from hpmkd.components import orphans
+from hpmkd.components.ray_runtime import ensure_ray
+from hpmkd.components.scheduler import run_graph
+from hpmkd.components.stages import ExperimentContext, execute
+from hpmkd.components.tracking import Tracker, default_tracking_uri
 from hpmkd.config import ExperimentConfig
 from hpmkd.data import load_dataset
-from hpmkd.models import create_model, load_state_checked
-from components import tune_stage  # noqa: F401  (registers the "tune" stage kind)
-from pipelines import build_stages
-from pipelines.summary import summarise
+from hpmkd.pipelines import plan_experiment
+from hpmkd.pipelines.summary import summarise
+from hpmkd.teachers import TeacherSpec, load_teacher
 
 log = logging.getLogger("hpmkd")
 
@@ -47,10 +44,8 @@ def preflight(cfg: ExperimentConfig):
     splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
     for i, teacher in enumerate(cfg.teachers):
         if teacher.checkpoint:
-            model = create_model(teacher.model, num_classes=splits.num_classes, in_channels=splits.input_shape[0],
-                                 input_shape=splits.input_shape, **teacher.options)
             try:
-                load_state_checked(model, checkpoint.read_model_state(teacher.checkpoint))
+                load_teacher(TeacherSpec(teacher.name, teacher.ref, splits.shape), teacher.checkpoint)
             except ValueError as err:
                 raise ValueError(f"teachers.{i}.checkpoint: {err}") from err
     return splits
@@ -65,12 +60,12 @@ def run_experiment(
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` and return the results dict (also written as JSON to ``output`` when given). Components switched
-    off in ``cfg.components`` are replaced first (:func:`hpmkd.ablation.effective_config`): the stages, the scheduler
+    off in ``cfg.components`` are replaced first (:func:`hpmkd.pipelines.plan_experiment`): the stages, the scheduler
     and the parent run's params all see that effective config. ``tags`` are added to the parent run's (``hpmkd
     ablate`` marks its variants so)."""
     began = time.perf_counter()
-    cfg = effective_config(cfg)
-    stages = build_stages(cfg)
+    plan = plan_experiment(cfg)
+    cfg, stages = plan.cfg, plan.stages
     splits = preflight(cfg)
     tracking_uri = tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, cfg.experiment, cfg.mlflow.artifact_root)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.scheduler import Stage, StageResult
+from hpmkd.components.graph import Stage, StageResult
+from hpmkd.components.stage_params import TEACHER_KINDS, TunedConfig
 from hpmkd.config import ExperimentConfig
 
 STUDENT_KINDS = ("distill",)
@@ -25,15 +26,15 @@ def summarise(
     rows = [results[s.name] for s in stages if s.name in results]
     teachers = []
     for r in rows:
-        if r.kind in ("train_teacher", "load_teacher") and r.status == "FINISHED":
-            teachers.append({"name": r.outputs["teacher"], "model": r.outputs["model"], "params": r.outputs["params"],
+        if r.kind in TEACHER_KINDS and r.status == "FINISHED":
+            teachers.append({"name": r.artifact.name, "model": r.artifact.model.model, "params": r.artifact.params,
                              "test_acc": r.metrics["test_acc"]})
     # the student is the graph's last distillation stage (a chain's assistants come before it); none if it failed
     finals = [r for r in rows if r.kind in STUDENT_KINDS]
     student = None
     if finals and finals[-1].status == "FINISHED":
         last = finals[-1]
-        student = {"model": last.outputs["model"], "params": last.outputs["params"],
+        student = {"model": last.artifact.model.model, "params": last.artifact.params,
                    "test_acc": last.metrics["test_acc"], "val_acc": last.metrics["val_acc"], "stage": last.name}
     alone = next((r for r in rows if r.kind == "train_student" and r.status == "FINISHED"), None)
     best = max(teachers, key=lambda t: t["test_acc"]) if teachers else None
@@ -45,13 +46,14 @@ def summarise(
         "tracking_uri": tracking_uri,
         "wall_s": wall_s,
         "stages": [
-            {"name": r.name, "kind": r.kind, "model": r.outputs.get("model"), "run_id": r.run_id, "status": r.status, "wall_s": r.wall_s,
+            {"name": r.name, "kind": r.kind, "model": r.artifact.model.model if r.artifact else None, "run_id": r.run_id,
+             "status": r.status, "wall_s": r.wall_s,
              "started_s": r.started_s, "wait_s": r.wait_s, "reused": r.reused, "metrics": r.metrics, "error": r.error}
             for r in rows
         ],
         "teachers": teachers,
         "student": student,
-        "student_alone": None if alone is None else {"model": alone.outputs["model"], "params": alone.outputs["params"],
+        "student_alone": None if alone is None else {"model": alone.artifact.model.model, "params": alone.artifact.params,
                                                      "test_acc": alone.metrics["test_acc"], "val_acc": alone.metrics["val_acc"]},
         "retention": student["test_acc"] / best["test_acc"] if student and best else None,
         "compression": best["params"] / student["params"] if student and best else None,
@@ -62,13 +64,13 @@ def summarise(
 def config_manager(rows: list[StageResult]) -> dict[str, Any] | None:
     """The configuration manager's part: its proposals and their source, the configuration it chose (handed to the
     distillation stages as config overrides) and the search that chose it."""
-    tuned = next((r for r in rows if r.kind == "tune" and r.status == "FINISHED"), None)
+    tuned = next((r for r in rows if isinstance(r.record, TunedConfig) and r.status == "FINISHED"), None)
     if tuned is None:
         return None
-    out = tuned.outputs
-    return {"source": out["source"], "proposals": out["proposals"], "chosen": out["config"],
-            "overrides": out["overrides"], "best_val_acc": tuned.metrics["val_acc"], "trials": int(tuned.metrics["trials"]),
-            "best_trial": out["best_trial"], "budget_epochs": out["budget_epochs"]}
+    out: TunedConfig = tuned.record
+    return {"source": out.source, "proposals": out.proposals, "chosen": out.config, "overrides": out.overrides,
+            "best_val_acc": tuned.metrics["val_acc"], "trials": int(tuned.metrics["trials"]),
+            "best_trial": out.best_trial, "budget_epochs": out.budget_epochs}
 
 
 def format_table(summary: dict[str, Any]) -> str:

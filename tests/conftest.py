@@ -1,12 +1,41 @@
-"""Shared fixtures: one real local Ray instance for the whole session (starting Ray costs ~5 s)."""
+"""Shared fixtures: one real local Ray instance for the whole session (starting Ray costs ~5 s), and the test markers.
+
+Every test is marked ``integration`` (it asks for the ``ray_session`` or ``tracking_uri`` fixture, or its module or
+function says so) or ``unit`` (everything else). A unit test that starts Ray fails: the markers say what they are.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+#: fixtures that make a test an integration test
+INTEGRATION_FIXTURES = {"ray_session", "tracking_uri"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            kind = "integration" if INTEGRATION_FIXTURES & set(item.fixturenames) else "unit"
+            item.add_marker(getattr(pytest.mark, kind))
+
+
+def ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_ray(request):
+    """A unit test may not start Ray (mark it ``integration``, or give it the ``ray_session`` fixture)."""
+    before = ray_running()
+    yield
+    if request.node.get_closest_marker("unit") is not None and not before and ray_running():
+        pytest.fail("a unit test started Ray: mark it integration (or use the ray_session fixture)")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -22,7 +51,7 @@ def ray_session():
     """A 2-CPU local Ray shared by every test that needs Ray; shut down at the end of the session."""
     import ray
 
-    from components.ray_runtime import ensure_ray
+    from hpmkd.components.ray_runtime import ensure_ray
 
     ensure_ray(None, 2, None, log_to_driver=False, object_store_memory=256 * 1024**2)
     yield ray
@@ -38,11 +67,12 @@ def tracking_uri(tmp_path):
 def train_digits_teacher(folder, hidden: int, depth: int, epochs: int) -> str:
     """An MLP teacher for scikit-learn's digits, trained in-process (no Ray), saved as a state in ``folder``; its path."""
     from hpmkd import checkpoint
-    from hpmkd.config import DataConfig, ModelConfig, TrainConfig
+    from hpmkd.config import DataConfig, TrainConfig
+    from hpmkd.models.ref import ModelRef
     from hpmkd.training import StageEnv, StageSpec, train_stage
 
     states = []
-    spec = StageSpec("teacher", 0, DataConfig(name="digits"), ModelConfig("mlp", {"hidden": hidden, "depth": depth}),
+    spec = StageSpec("teacher", 0, DataConfig(name="digits"), ModelRef("mlp", {"hidden": hidden, "depth": depth}),
                      TrainConfig(epochs=epochs, batch_size=64))
     train_stage(spec, StageEnv(report=lambda metrics, state: states.append(state)))
     path = folder / checkpoint.STATE_FILE

@@ -16,17 +16,17 @@ from matplotlib.image import imread
 from mlflow import MlflowClient
 from scipy import stats
 
-import pipelines.ablate
+import hpmkd.pipelines.ablate
 from conftest import train_digits_teacher
-from components.report import write_report
-from components.report.ablation import (ABLATION_TAG, CONSTANT, HELPS, HURTS, NO_DIFFERENCE, NO_RUN, NO_SIGNIFICANT,
+from hpmkd.components.report import write_report
+from hpmkd.components.report.ablation import (ABLATION_TAG, CONSTANT, HELPS, HURTS, NO_DIFFERENCE, NO_RUN, NO_SIGNIFICANT,
                                         UNTESTED, VARIANT_TAG, ablation_table, paired_test)
-from components.report.ablation_files import ablation_markdown, write_ablation
-from components.report.records import ExperimentRecords, PipelineRecord, load_experiment
-from components.tracking import Tracker, child_runs
+from hpmkd.components.report.ablation_files import ablation_markdown, write_ablation
+from hpmkd.components.report.records import ExperimentRecords, PipelineRecord, load_experiment
+from hpmkd.components.tracking import Tracker, child_runs
 from hpmkd.cli import main
 from hpmkd.registry import ConfigError
-from pipelines.ablate import plan_ablation
+from hpmkd.pipelines.ablate import plan_ablation
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "conf" / "smoke.yaml"
@@ -244,7 +244,7 @@ def test_a_rerun_resumes_and_a_failed_variant_is_reported(ablation, monkeypatch,
                                                                          "seed": str(cfg.seed)}):
             raise RuntimeError("stage distill failed: simulated worker crash")
 
-    monkeypatch.setattr(pipelines.ablate, "run_experiment", failing_runner)
+    monkeypatch.setattr(hpmkd.pipelines.ablate, "run_experiment", failing_runner)
     out = ablation["root"] / "again"
     assert main([*ablation["args"], "--components", "meta_temperature", "memory", "--output", str(out)]) == 1
     assert calls == [("no_memory", 0), ("no_memory", 1)]  # nothing else ran

@@ -8,27 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from components.stages import ExperimentContext, stage_settings
-from hpmkd.chain import (
-    count_model_params,
-    describe_chain,
-    knobs,
-    link_stopped,
-    plan_chain,
-    relative_gain,
-    stops_after,
-)
-from hpmkd.config import ModelConfig, load_config
+from hpmkd.chain import ChainLinkInfo, describe_chain, knobs, plan_chain, relative_gain, stops_after
+from hpmkd.components.graph import StageParams
+from hpmkd.config import load_config
 from hpmkd.registry import ConfigError
-from pipelines import PIPELINES
+from hpmkd.pipelines import PIPELINES
+from hpmkd.models.ref import DataShape, ModelRef
 
 ROOT = Path(__file__).resolve().parent.parent
-FMNIST = {"num_classes": 10, "input_shape": (1, 28, 28)}
-SMALL = ModelConfig("cnn_small", {"stem_stride": 2})  # 103,466 parameters
+FMNIST = {"shape": DataShape(10, (1, 28, 28))}
+SMALL = ModelRef("cnn_small", {"stem_stride": 2})  # 103,466 parameters
 
 
-def size(model: ModelConfig) -> int:
-    return count_model_params(model, **FMNIST)
+def size(model: ModelRef) -> int:
+    return model.count_params(FMNIST["shape"])
 
 
 def check_formula(plan, max_gap: float) -> None:
@@ -47,11 +40,11 @@ def check_formula(plan, max_gap: float) -> None:
 
 
 def test_cnn_to_cnn_at_10x_takes_one_assistant_at_the_geometric_mean_size():
-    student = ModelConfig("cnn", {"width": 10, "stem_stride": 2})  # 10,560: 9.8x
+    student = ModelRef("cnn", {"width": 10, "stem_stride": 2})  # 10,560: 9.8x
     plan = plan_chain(SMALL, student, max_gap=4.0, **FMNIST)
     check_formula(plan, 4.0)
     (assistant,) = plan.assistants
-    assert assistant.model == ModelConfig("cnn", {"width": 18, "stem_stride": 2, "depth": 3})
+    assert assistant.model == ModelRef("cnn", {"width": 18, "stem_stride": 2, "depth": 3})
     # width is the only knob (teacher and student both have depth 3) and 18 is the nearest whole width
     for width in (17, 19):
         other = size(replace(assistant.model, options={**assistant.model.options, "width": width}))
@@ -60,7 +53,7 @@ def test_cnn_to_cnn_at_10x_takes_one_assistant_at_the_geometric_mean_size():
 
 
 def test_cnn_to_cnn_at_50x_takes_two_assistants():
-    student = ModelConfig("cnn", {"width": 4, "stem_stride": 2})  # 1,854: 55.8x
+    student = ModelRef("cnn", {"width": 4, "stem_stride": 2})  # 1,854: 55.8x
     plan = plan_chain(SMALL, student, max_gap=4.0, **FMNIST)
     check_formula(plan, 4.0)
     assert plan.steps == 3  # sqrt(55.8) = 7.5 > 4: one assistant would not do
@@ -69,8 +62,8 @@ def test_cnn_to_cnn_at_50x_takes_two_assistants():
 
 
 def test_depth_is_interpolated_geometrically_between_teacher_and_student_of_one_family():
-    teacher = ModelConfig("cnn_medium")  # width 48, depth 6: 667,354
-    student = ModelConfig("cnn", {"width": 9})  # depth 3: 8,614 (77x)
+    teacher = ModelRef("cnn_medium")  # width 48, depth 6: 667,354
+    student = ModelRef("cnn", {"width": 9})  # depth 3: 8,614 (77x)
     plan = plan_chain(teacher, student, max_gap=4.0, **FMNIST)
     check_formula(plan, 4.0)
     depths = [a.model.options["depth"] for a in plan.assistants]
@@ -83,7 +76,7 @@ def test_depth_is_interpolated_geometrically_between_teacher_and_student_of_one_
 
 
 def test_resnet_to_resnet_keeps_valid_depths():
-    plan = plan_chain(ModelConfig("resnet110"), ModelConfig("resnet8"), max_gap=3.0, **FMNIST)  # 22.3x
+    plan = plan_chain(ModelRef("resnet110"), ModelRef("resnet8"), max_gap=3.0, **FMNIST)  # 22.3x
     check_formula(plan, 3.0)
     depths = [a.model.options["depth"] for a in plan.assistants]
     assert depths == [44, 20]  # 110^(2/3)·8^(1/3) = 45.9 and 19.2, snapped to 6n+2
@@ -92,8 +85,8 @@ def test_resnet_to_resnet_keeps_valid_depths():
 
 
 def test_heterogeneous_pair_uses_the_students_family_and_depth():
-    teacher = ModelConfig("mlp", {"hidden": 512})  # 669,706
-    student = ModelConfig("cnn", {"width": 9})  # 8,614 (77.7x)
+    teacher = ModelRef("mlp", {"hidden": 512})  # 669,706
+    student = ModelRef("cnn", {"width": 9})  # 8,614 (77.7x)
     plan = plan_chain(teacher, student, max_gap=4.0, **FMNIST)
     check_formula(plan, 4.0)
     assert plan.family == "cnn" and plan.steps == 4
@@ -103,30 +96,30 @@ def test_heterogeneous_pair_uses_the_students_family_and_depth():
 
 @pytest.mark.parametrize("max_gap", [1.6, 2.5, 3.5, 8.0])
 def test_no_step_exceeds_max_gap(max_gap):
-    plan = plan_chain(ModelConfig("cnn", {"width": 32, "depth": 4}), ModelConfig("cnn", {"width": 6}),
+    plan = plan_chain(ModelRef("cnn", {"width": 32, "depth": 4}), ModelRef("cnn", {"width": 6}),
                       max_gap=max_gap, max_steps=10, **FMNIST)
     assert max(plan.ratios) <= max_gap
     assert plan.steps >= math.log(plan.teacher.params / plan.student.params) / math.log(max_gap)
 
 
 def test_a_small_enough_gap_needs_no_assistant():
-    plan = plan_chain(SMALL, ModelConfig("cnn", {"width": 10, "stem_stride": 2}), max_gap=16.0, **FMNIST)
+    plan = plan_chain(SMALL, ModelRef("cnn", {"width": 10, "stem_stride": 2}), max_gap=16.0, **FMNIST)
     assert plan.assistants == [] and plan.steps == 1 and "no assistant" in plan.why
 
 
 def test_planner_errors_name_the_key():
-    student = ModelConfig("cnn", {"width": 4, "stem_stride": 2})
+    student = ModelRef("cnn", {"width": 4, "stem_stride": 2})
     with pytest.raises(ConfigError, match=r"chain\.max_steps: no chain of at most 2 steps"):
         plan_chain(SMALL, student, max_gap=4.0, max_steps=2, **FMNIST)
     with pytest.raises(ConfigError, match=r"chain\.max_gap: must be > 1"):
         plan_chain(SMALL, student, max_gap=1.0, **FMNIST)
     with pytest.raises(ConfigError, match=r"student\.model: .*'resnet18'.*chain\.assistants"):
-        plan_chain(SMALL, ModelConfig("resnet18"), max_gap=4.0, **FMNIST)
+        plan_chain(SMALL, ModelRef("resnet18"), max_gap=4.0, **FMNIST)
 
 
 def test_a_chain_given_by_hand_is_described_not_refused():
-    assistants = [ModelConfig("cnn", {"width": 24, "stem_stride": 2})]
-    plan = describe_chain(SMALL, assistants, ModelConfig("cnn", {"width": 4, "stem_stride": 2}), max_gap=4.0, **FMNIST)
+    assistants = [ModelRef("cnn", {"width": 24, "stem_stride": 2})]
+    plan = describe_chain(SMALL, assistants, ModelRef("cnn", {"width": 4, "stem_stride": 2}), max_gap=4.0, **FMNIST)
     assert [m.params for m in plan.models] == [103_466, size(assistants[0]), 1_854]
     assert plan.ratios[0] == pytest.approx(103_466 / size(assistants[0]))
     assert "given by hand" in plan.why and "Above max_gap 4.0: step 2" in plan.why
@@ -138,10 +131,9 @@ def test_epsilon_rule():
     assert not stops_after(1, -0.5, 0.01)  # never after link 1
     assert stops_after(2, 0.005, 0.01) and not stops_after(2, 0.02, 0.01)
     assert not stops_after(3, -0.5, None)  # rule off
-    assert link_stopped({"chain_index": 2, "chain_gain": -0.02}, -0.01)
-    assert not link_stopped({"chain_index": 2, "chain_gain": -0.005}, -0.01)
-    assert link_stopped({"chain_skipped": True, "chain_index": 2, "chain_gain": 1.0}, None)  # stays stopped
-    assert not link_stopped({"teacher": "cnn", "model_path": "x"}, 0.5)  # a teacher never stops the chain
+    assert ChainLinkInfo(2, -0.02).stops_chain(-0.01)
+    assert not ChainLinkInfo(2, -0.005).stops_chain(-0.01)
+    assert ChainLinkInfo(2, skipped=True).stops_chain(None)  # stays stopped
 
 
 # -------------------------------------------------------------------------------------------------------- graphs
@@ -152,17 +144,17 @@ def config(name: str, *overrides: str):
 def test_takd_graph_chains_each_assistant_to_the_one_before():
     cfg = config("takd.yaml", "chain.epsilon=0.0", "chain.max_gap=3.0")
     stages = {s.name: s for s in PIPELINES.get("takd")(cfg)}
-    plan = stages["chain_plan"].params["plan"]
+    plan = stages["chain_plan"].params.plan
     links = [f"assistant_{i}" for i in range(1, plan["steps"])]
     assert plan["steps"] == 4 and list(stages) == ["teacher_cnn", "chain_plan", *links, "distill"]
     assert stages["assistant_1"].deps == ["teacher_cnn"]
     for before, link in zip(links, links[1:] + ["distill"]):
-        assert stages[link].deps == [before] and stages[link].params["teachers"] == [before]
+        assert stages[link].deps == [before] and stages[link].params.teachers == (before,)
     for i, link in enumerate(links, start=1):
-        assert stages[link].kind == "distill"
-        assert stages[link].params["options"] == plan["models"][i]["options"]
-        assert ("epsilon" in stages[link].params["chain"]) == (i >= 3)  # the rule never tests link 1
-    assert "chain" not in stages["distill"].params
+        assert stages[link].kind == "chain_link" and stages[link].params.index == i
+        assert stages[link].params.student.options == plan["models"][i]["options"]
+        assert (stages[link].params.epsilon is not None) == (i >= 3)  # the rule never tests link 1
+    assert stages["distill"].kind == "distill"
 
 
 def test_takd_without_assistants_distils_exactly_like_kd():
@@ -170,8 +162,7 @@ def test_takd_without_assistants_distils_exactly_like_kd():
     takd = PIPELINES.get("takd")(cfg)
     kd = PIPELINES.get("kd")(replace(cfg, pipeline="kd"))
     assert [s.name for s in takd] == ["teacher_cnn", "chain_plan", "distill"]
-    ctx = ExperimentContext(cfg, None, "", None, "", Path())
-    assert stage_settings(takd[-1], ctx) == stage_settings(kd[-1], ctx)
+    assert takd[-1].params.settings() == kd[-1].params.settings()
     assert takd[-1].deps == kd[-1].deps
 
 
@@ -181,13 +172,13 @@ def test_smskd_graph_and_recipes():
                  "smskd.reference.mode=tcp")
     stages = {s.name: s for s in PIPELINES.get("smskd")(cfg)}
     assert list(stages) == ["teacher_cnn", "smskd_1", "smskd_2", "smskd_3"]
-    assert stages["smskd_1"].deps == ["teacher_cnn"] and stages["smskd_1"].params == {"recipe": "smskd.stages.0"}
+    first = stages["smskd_1"].params
+    assert stages["smskd_1"].deps == ["teacher_cnn"] and first.init_from is None and first.reference is None
     for k in (2, 3):
         stage = stages[f"smskd_{k}"]
         assert stage.deps == ["teacher_cnn", f"smskd_{k - 1}"]
-        assert stage.params["init_from"] == stage.params["reference"] == f"smskd_{k - 1}"
-    ctx = ExperimentContext(cfg, None, "", None, "", Path())
-    settings = [stage_settings(stages[f"smskd_{k}"], ctx) for k in (1, 2, 3)]
+        assert stage.params.init_from == stage.params.reference == f"smskd_{k - 1}"
+    settings = [stages[f"smskd_{k}"].params.settings() for k in (1, 2, 3)]
     assert [sorted(s["distill"]["methods"]) for s in settings] == [["at"], ["dkd", "reference"], ["kd", "reference"]]
     assert settings[1]["distill"]["methods"]["reference"] == {"weight": 1.0, "mode": "tcp", "tau_ref": 4.0,
                                                               "normalize": False}
@@ -199,15 +190,13 @@ def test_smskd_first_stage_is_the_same_stage_as_kd_with_that_method():
     """So a method-alone baseline and SMSKD's first stage share one content key (and one training)."""
     cfg = config("smskd.yaml")
     kd_cfg = config("smskd.yaml", "pipeline=kd", "distill.methods={fitnet: {weight: 10}}", "distill.ce_weight=1.0")
-    ctx = ExperimentContext(cfg, None, "", None, "", Path())
-    kd_ctx = ExperimentContext(kd_cfg, None, "", None, "", Path())
-    first = PIPELINES.get("smskd")(cfg)[1]
-    assert stage_settings(first, ctx) == stage_settings(PIPELINES.get("kd")(kd_cfg)[-1], kd_ctx)
+    first: StageParams = PIPELINES.get("smskd")(cfg)[1].params
+    assert first.settings() == PIPELINES.get("kd")(kd_cfg)[-1].params.settings()
 
 
 def test_smskd_ablations_drop_the_init_or_the_reference():
     stages = PIPELINES.get("smskd")(config("smskd.yaml", "smskd.init=scratch", "smskd.reference.weight=0"))
-    assert "init_from" not in stages[-1].params and "reference" not in stages[-1].params
+    assert stages[-1].params.init_from is None and stages[-1].params.reference is None
     assert stages[-1].deps == ["teacher_cnn", "smskd_1"]
 
 

@@ -396,6 +396,7 @@ def token_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.integration
 def test_submit_runs_a_job_on_a_token_protected_cluster(token_cluster):
     address, token = token_cluster
     submit = [sys.executable, str(CLUSTER / "submit.py"), SMOKE, "--validate-only", "--follow", "--address", address]

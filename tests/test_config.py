@@ -57,9 +57,13 @@ def test_bad_value_is_rejected_with_the_allowed_range():
     assert "data.val_fraction" in message and "between 0 and 1" in message
 
 
-def test_literal_choices_are_listed():
+def test_registry_choices_are_listed():
     message = error_of(smoke_data(), ["train.optimizer=rmsprop"])
-    assert "train.optimizer" in message and "'sgd'" in message and "'adam'" in message
+    assert "train.optimizer: unknown optimizer 'rmsprop'" in message and "adam, adamw, sgd" in message
+    message = error_of(smoke_data(), ["train.lr_schedule=cosin"])
+    assert "train.lr_schedule: unknown lr schedule 'cosin'. Did you mean 'cosine'" in message
+    message = error_of(smoke_data(), ["train.optimizer_options={betas: [0.9, 0.99]}"])
+    assert "train.optimizer_options.betas: unknown option for optimizer 'sgd'" in message
 
 
 def test_unknown_model_offers_close_names():

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from components.config_manager import fixed_for, memory_records, proposals_for
+from hpmkd.components.config_manager import fixed_for, memory_records, proposals_for
 from conftest import train_digits_teacher
-from components.memory import recall, student_params, task_features
-from components.scheduler import StageResult
-from components.tracking import child_runs
-from hpmkd.config import DataConfig, ModelConfig, TrainConfig, load_config
+from hpmkd.components.graph import ModelArtifact, StageResult
+from hpmkd.components.memory import recall, task_features
+from hpmkd.components.tracking import child_runs
+from hpmkd.config import DataConfig, TrainConfig, load_config
 from hpmkd.data import load_dataset
 from hpmkd.meta_features import TaskFeatures
 from hpmkd.proposals import MemoryRecord, ProposerSettings, propose
@@ -30,7 +30,8 @@ from hpmkd.registry import ConfigError
 from hpmkd.search_space import build_space
 from hpmkd.training import StageEnv, StageSpec, train_stage
 from hpmkd.version import code_version
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
+from hpmkd.models.ref import ModelRef
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = {"T": 4.0, "kd_share": 0.9, "lr": 0.05, "weight_decay": 5e-4}
@@ -44,7 +45,7 @@ def teacher_checkpoint(tmp_path_factory) -> str:
 
 def test_a_search_trial_never_reads_the_test_split():
     """Trials are chosen on validation only: with ``read_test=False`` the test split is not evaluated at all."""
-    spec = StageSpec("trial", 0, DataConfig(name="digits"), ModelConfig("mlp", {"hidden": 32, "depth": 1}),
+    spec = StageSpec("trial", 0, DataConfig(name="digits"), ModelRef("mlp", {"hidden": 32, "depth": 1}),
                      TrainConfig(epochs=1, batch_size=64), read_test=False)
     result = train_stage(spec, StageEnv())
     assert "test_acc" not in result and "test_loss" not in result and result["val_acc"] > 0.1
@@ -68,7 +69,7 @@ def digits_config(tmp_path: Path, teacher: str, *extra: str):
 
 def teacher_result(val_acc: float, params: int) -> StageResult:
     return StageResult("teacher_mlp", "load_teacher", None, "FINISHED", 0.0, {"val_acc": val_acc},
-                       {"model": "mlp", "params": params, "teacher": "mlp"})
+                       ModelArtifact("mlp", ModelRef("mlp"), "teacher.pt", "digest", params))
 
 
 def proposed(cfg, teacher: StageResult, client: MlflowClient):
@@ -79,7 +80,7 @@ def proposed(cfg, teacher: StageResult, client: MlflowClient):
 
 def task_of(cfg, teacher: StageResult) -> TaskFeatures:
     splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
-    return task_features(cfg, splits, [teacher], student_params(cfg, splits))
+    return task_features(cfg, splits, [teacher], cfg.student.ref.count_params(splits.shape))
 
 
 # --- proposals without Ray ---------------------------------------------------------------------------------------

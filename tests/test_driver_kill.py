@@ -11,9 +11,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from components import orphans
+from hpmkd.components import orphans
 from hpmkd.config import load_config
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "driver-kill"

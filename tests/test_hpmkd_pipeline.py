@@ -1,4 +1,5 @@
-"""The ``hpmkd`` pipeline and its six component switches (``components.<name>: false``, :mod:`hpmkd.ablation`).
+"""The ``hpmkd`` pipeline and its six component switches (``components.<name>: false``,
+:mod:`hpmkd.pipelines.switches`).
 
 Every switch is shown to change the computation: the stage graph (``config_manager``, ``chain``), the teacher
 weights and the temperature of a real in-process distillation (``attention``, ``meta_temperature``; no Ray), the
@@ -17,25 +18,27 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from components.config_manager import memory_records
-from components.scheduler import StageResult, run_graph
-from components.tracking import child_runs
+from hpmkd.components.config_manager import memory_records
+from hpmkd.components.graph import StageResult
+from hpmkd.components.scheduler import run_graph
+from hpmkd.components.tracking import child_runs
 from hpmkd import checkpoint
-from hpmkd.ablation import COMPONENTS, SWITCHES, ComponentsConfig, effective_config
-from hpmkd.config import DataConfig, ModelConfig, TrainConfig, load_config
+from hpmkd.config import DataConfig, TrainConfig, load_config
 from hpmkd.config_schema import flatten, to_dict
+from hpmkd.pipelines import PIPELINES, plan_experiment
+from hpmkd.pipelines.switches import COMPONENTS, SWITCHES, ComponentsConfig, effective_config
 from hpmkd.data import load_dataset
 from hpmkd.registry import ConfigError
 from hpmkd.teachers import LocalTeachers
-from hpmkd.training import StageEnv, StageSpec, build_model, train_stage
-from pipelines import build_stages
-from pipelines.runner import run_experiment
+from hpmkd.training import StageEnv, StageSpec, train_stage
+from hpmkd.pipelines.runner import run_experiment
+from hpmkd.models.ref import ModelRef
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "conf" / "default.yaml"
 DIGITS = DataConfig(name="digits")
 #: two teachers of one family but different sizes, and the student; the chain is planned from teacher ``a``
-TEACHERS = {"a": ModelConfig("mlp", {"hidden": 128, "depth": 2}), "b": ModelConfig("mlp", {"hidden": 64, "depth": 1})}
+TEACHERS = {"a": ModelRef("mlp", {"hidden": 128, "depth": 2}), "b": ModelRef("mlp", {"hidden": 64, "depth": 1})}
 STUDENT = "student={model: mlp, options: {hidden: 16, depth: 1}}"
 
 
@@ -46,7 +49,7 @@ def default_with(*extra: str):
 
 def changed_keys(before, after) -> dict[str, tuple]:
     """The flattened config keys whose values differ between two configs."""
-    a, b = flatten(to_dict(before)), flatten(to_dict(after))
+    a, b = flatten(before.as_dict()), flatten(after.as_dict())
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -88,7 +91,7 @@ def test_the_components_section_is_checked_like_any_other():
 
 def graph(*extra: str) -> dict[str, list[str]]:
     """The default's stage graph (name -> dependencies) with ``extra`` overrides."""
-    return {s.name: s.deps for s in build_stages(default_with(*extra))}
+    return {s.name: s.deps for s in plan_experiment(default_with(*extra)).stages}
 
 
 def test_config_manager_switch_removes_the_tune_stage():
@@ -104,8 +107,10 @@ def test_chain_switch_removes_the_assistants_and_the_student_distils_from_the_te
     assert on["distill"] == ["teacher_cnn", "teacher_mlp", "assistant_1", "tune"]
     assert not [name for name in off if name.startswith("assistant_")]
     assert off["distill"] == ["teacher_cnn", "teacher_mlp", "tune"]
-    direct = {s.name: s for s in build_stages(default_with("components.chain=false"))}["distill"]
-    assert direct.params == {}  # exactly the kd pipeline's distill stage (same settings, same content key)
+    plan = plan_experiment(default_with("components.chain=false"))
+    direct = {s.name: s for s in plan.stages}["distill"]
+    # exactly the kd pipeline's distill stage (same settings, same content key)
+    assert direct.params == PIPELINES.get("kd")(plan.cfg)[-1].params
 
 
 # --- attention and meta_temperature: a real distillation, in process ---------------------------------------------
@@ -122,7 +127,7 @@ def teacher_files(tmp_path_factory) -> dict[str, Path]:
         torch.save(states[-1]["best"]["model"], folder / f"{name}.pt")
     torch.manual_seed(1)
     splits = load_dataset("digits", **DIGITS.loader_kwargs(0))
-    torch.save(build_model(TEACHERS["b"], splits).state_dict(), folder / "noise.pt")
+    torch.save(TEACHERS["b"].build(splits.shape).state_dict(), folder / "noise.pt")
     return {name: folder / f"{name}.pt" for name in ("a", "b", "noise")}
 
 
@@ -133,11 +138,11 @@ def distil_in_process(teacher_files: dict[str, Path], *extra: str) -> list[dict[
     splits = load_dataset("digits", **cfg.data.loader_kwargs(cfg.seed))
     models = []
     for name, model_cfg in TEACHERS.items():
-        model = build_model(model_cfg, splits)
+        model = model_cfg.build(splits.shape)
         model.load_state_dict(checkpoint.read_model_state(teacher_files["noise" if name == "b" else name]))
         models.append(model)
-    spec = StageSpec("distill", cfg.seed, cfg.data, ModelConfig(cfg.student.model, cfg.student.options),
-                     cfg.distill_train(), distill=cfg.distill, teacher_names=list(TEACHERS),
+    spec = StageSpec("distill", cfg.seed, cfg.data, ModelRef(cfg.student.model, cfg.student.options),
+                     cfg.recipe().train, distill=cfg.distill, teacher_names=list(TEACHERS),
                      teacher_models=list(TEACHERS.values()))
     return train_stage(spec, StageEnv(teachers=LocalTeachers(list(TEACHERS), models)))["history"]
 
@@ -184,7 +189,7 @@ def schedule(*extra: str) -> dict[str, tuple[float, float]]:
             times[stage.name] = (began, time.perf_counter() - origin)
         return StageResult(stage.name, stage.kind, None, "FINISHED", 0.3)
 
-    results, error = run_graph(build_stages(cfg), run_stage, capacity_cpus=2.0, parallel=cfg.ray.parallel)
+    results, error = run_graph(plan_experiment(cfg).stages, run_stage, capacity_cpus=2.0, parallel=cfg.ray.parallel)
     assert error is None and all(r.status == "FINISHED" for r in results.values())
     return times
 

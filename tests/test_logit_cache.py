@@ -64,6 +64,7 @@ def test_any_change_of_what_makes_the_logits_misses(tmp_path, field, value):
 CRASHING_WRITER = """
 import os, sys, time, numpy as np
 from hpmkd.logit_cache import CacheKey, write_entry
+from hpmkd.models.ref import ModelRef
 def crash_before_rename(src, dst):
     print("tmp written", flush=True)
     time.sleep(60)   # the process is killed here, between the write and the rename
@@ -98,22 +99,24 @@ def test_list_and_clear_by_age(tmp_path):
 
 
 def test_actors_fill_the_cache_once_and_hits_equal_the_teacher(ray_session, tmp_path):
-    from components.logit_cache import CachedTeachers, ensure_cached
-    from components.teacher_service import TeacherSpec, release, start_teacher_actors
-    from hpmkd.config import ModelConfig
-    from hpmkd.teachers import LocalTeachers
+    from hpmkd.components.logit_cache import CachedTeachers, ensure_cached
+    from hpmkd.components.teacher_service import release, start_teacher_actors
+    from hpmkd.data import Split
+    from hpmkd.models.ref import DataShape, ModelRef
+    from hpmkd.teachers import LocalTeachers, TeacherSpec
 
-    spec = TeacherSpec("cnn", ModelConfig("cnn_small"), 10, (1, 28, 28))
+    spec = TeacherSpec("cnn", ModelRef("cnn_small"), DataShape(10, (1, 28, 28)))
     torch.manual_seed(0)
-    net = spec.build()
+    net = spec.model.build(spec.shape)
     weights = tmp_path / "cnn.pt"
     torch.save(net.state_dict(), weights)
     x = torch.randn(1500, 1, 28, 28)
     pools = start_teacher_actors([spec], [str(weights)], cpus=0.5, gpus=0.0)
     try:
         kwargs = dict(root=str(tmp_path / "cache"), fingerprint="fp", dtype="float32")
-        [first] = ensure_cached(pools, [spec], [str(weights)], x, **kwargs)
-        [again] = ensure_cached(pools, [spec], [str(weights)], x, **kwargs)
+        rows = Split(x, torch.zeros(len(x), dtype=torch.long))
+        [first] = ensure_cached(pools, [spec], [str(weights)], rows, **kwargs)
+        [again] = ensure_cached(pools, [spec], [str(weights)], rows, **kwargs)
     finally:
         release(pools)
     assert [u.hit for u in first] == [False] and [u.hit for u in again] == [True]
@@ -123,7 +126,7 @@ def test_actors_fill_the_cache_once_and_hits_equal_the_teacher(ray_session, tmp_
     torch.testing.assert_close(served.logits, expected.logits, rtol=0, atol=1e-5)
     # new weights -> a different key -> the old entry is not served
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in net.state_dict().items()}, weights)
-    from components.logit_cache import teacher_key
+    from hpmkd.components.logit_cache import teacher_key
 
     assert lookup(tmp_path / "cache", teacher_key(spec, str(weights), "fp", "train", "plain", "float32", None)) is None
     assert isinstance(CachedLogits(first[0].path).key, CacheKey)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from hpmkd.config import LOSS_CONTEXT
 from hpmkd.distill_batch import DistillBatch, ModelTaps, TeacherOutputs
 from hpmkd.features import FeatureTaps
 from hpmkd.losses import LOSSES, combine_teachers, teacher_kl
@@ -89,10 +88,10 @@ def test_registered_losses():
 
 def test_yaml_options_are_validated_against_the_signature():
     with pytest.raises(ConfigError, match="betta.*Did you mean 'beta'"):
-        LOSSES.check_options("dkd", {"betta": 8}, "distill.methods.dkd", LOSS_CONTEXT)
+        LOSSES.check_options("dkd", {"betta": 8}, "distill.methods.dkd")
     with pytest.raises(ConfigError, match="Allowed: .*nce_k"):
-        LOSSES.check_options("crd", {"num_train": 5}, "distill.methods.crd", LOSS_CONTEXT)
-    LOSSES.check_options("crd", {"nce_k": 16384, "feat_dim": 64}, "distill.methods.crd", LOSS_CONTEXT)
+        LOSSES.check_options("crd", {"num_train": 5}, "distill.methods.crd")
+    LOSSES.check_options("crd", {"nce_k": 16384, "feat_dim": 64}, "distill.methods.crd")
 
 
 # ---------------------------------------------------------------------------------------------- KD

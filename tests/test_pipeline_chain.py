@@ -13,20 +13,21 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from components.tracking import child_runs
+from hpmkd.components.tracking import child_runs
 from hpmkd import checkpoint
-from hpmkd.config import DataConfig, ModelConfig, TrainConfig, load_config
+from hpmkd.config import DataConfig, TrainConfig, load_config
 from hpmkd.data import load_dataset
 from hpmkd.distill_batch import DistillBatch, TeacherOutputs
 from hpmkd.losses import LOSSES
 from hpmkd.models import create_model, model_taps
 from hpmkd.models.state import state_digest
 from hpmkd.training import StageEnv, StageSpec, train_stage
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
+from hpmkd.models.ref import ModelRef
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = {"max_train": 1200, "max_val": 300, "max_test": 600}
-TEACHER = ModelConfig("cnn", {"width": 12, "stem_stride": 2})
+TEACHER = ModelRef("cnn", {"width": 12, "stem_stride": 2})
 TINY = [f"data.{k}={v}" for k, v in DATA.items()] + [
     "train.epochs=2", "train.batch_size=32", "mlflow.log_models=false", "distill.baseline=false",
 ]

@@ -9,9 +9,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from components.tracking import child_runs
+from hpmkd.components.tracking import child_runs
 from hpmkd.config import load_config
-from pipelines.runner import ExperimentFailedError, run_experiment
+from hpmkd.pipelines.runner import ExperimentFailedError, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [

@@ -11,13 +11,13 @@ from matplotlib.image import imread
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from components.report import REPORT_FILE, write_report
-from components.report.records import load_experiments, open_store
-from components.report.sections import compression_points
-from components.tracking import child_runs
+from hpmkd.components.report import REPORT_FILE, write_report
+from hpmkd.components.report.records import load_experiments, open_store
+from hpmkd.components.report.sections import compression_points
+from hpmkd.components.tracking import child_runs
 from hpmkd.cli import main
 from hpmkd.config import load_config
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.max_train=600", "data.max_val=200", "data.max_test=400", "train.epochs=1", "train.batch_size=32",
@@ -53,7 +53,7 @@ def store(ray_session, tmp_path_factory):
 
 
 def pipeline_run(client: MlflowClient, experiment_id: str, params: dict[str, str], seed: str) -> str:
-    """A pipeline run recorded by hand (tags as :mod:`pipelines.runner` sets them), left RUNNING."""
+    """A pipeline run recorded by hand (tags as :mod:`hpmkd.pipelines.runner` sets them), left RUNNING."""
     run_id = client.create_run(experiment_id, run_name=f"kd-seed{seed}",
                                tags={"kind": "pipeline", "pipeline": "kd", "seed": seed}).info.run_id
     items = [Param(k, v) for k, v in params.items()]

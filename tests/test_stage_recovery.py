@@ -10,9 +10,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from components.tracking import child_runs
+from hpmkd.components.tracking import child_runs
 from hpmkd.config import load_config
-from pipelines.runner import run_experiment
+from hpmkd.pipelines.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,17 +14,18 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from components.logit_cache import CachedTeachers, ensure_cached, teacher_key
-from components.teacher_outputs import choose_source
-from components.teacher_service import ActorTeachers, TeacherSpec, release, start_teacher_actors
-from components.tracking import child_runs
-from hpmkd.config import DataConfig, DistillConfig, ModelConfig, TrainConfig, load_config
+from hpmkd.components.logit_cache import CachedTeachers, ensure_cached, teacher_key
+from hpmkd.components.teacher_outputs import choose_source
+from hpmkd.components.teacher_service import ActorTeachers, release, start_teacher_actors
+from hpmkd.components.tracking import child_runs
+from hpmkd.config import DataConfig, DistillConfig, TrainConfig, load_config
 from hpmkd.data import load_dataset
 from hpmkd.data.views import ViewBank
 from hpmkd.logit_cache import CachedLogits, lookup
 from hpmkd.registry import ConfigError
-from hpmkd.teachers import LocalTeachers
+from hpmkd.teachers import LocalTeachers, TeacherSpec
 from hpmkd.training import StageEnv, StageSpec, train_stage
+from hpmkd.models.ref import DataShape, ModelRef
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = DataConfig(name="fashion_mnist", max_train=1500, max_val=200, max_test=200, augment="crop_flip")
@@ -33,16 +34,16 @@ BANK = ViewBank("crop_flip", seed=0, views=2)
 
 @pytest.fixture(scope="module")
 def images():
-    return load_dataset(DATA.name, **DATA.loader_kwargs(0)).train.x  # 1500 rows: two fill chunks of 1024
+    return load_dataset(DATA.name, **DATA.loader_kwargs(0)).train  # 1500 rows: two fill chunks of 1024
 
 
 @pytest.fixture
 def teacher(tmp_path):
     """A cnn_small teacher with non-trivial BatchNorm statistics and confident outputs (its head scaled up, so
     different views give clearly different targets), saved as a state dict."""
-    spec = TeacherSpec("t", ModelConfig("cnn_small", {"stem_stride": 2}), num_classes=10, input_shape=(1, 28, 28))
+    spec = TeacherSpec("t", ModelRef("cnn_small", {"stem_stride": 2}), DataShape(10, (1, 28, 28)))
     torch.manual_seed(0)
-    net = spec.build()
+    net = spec.model.build(spec.shape)
     net.train()
     with torch.no_grad():
         net(torch.randn(64, 1, 28, 28) * 2 + 0.5)
@@ -71,7 +72,7 @@ def test_bank_entries_are_the_teachers_outputs_on_the_regenerated_views(ray_sess
     index = torch.tensor([0, 1499, 1024, 77, 3, 1023])
     served_views = []
     for view in (0, 1):
-        regenerated = BANK.render(images[index], index, view)
+        regenerated = BANK.render(images.x[index], index, view)
         cached = source.request(regenerated, index, [[]], view)().logits
         live = LocalTeachers(["t"], [net]).request(regenerated, index, [[]])().logits
         torch.testing.assert_close(cached, live, rtol=0, atol=1e-5)
@@ -98,9 +99,9 @@ def test_cached_features_equal_the_live_teachers_features(ray_session, tmp_path,
     finally:
         release(pools)
     index = torch.tensor([1499, 0, 1024, 512, 9])
-    live = LocalTeachers(["t"], [net]).request(images[index], index, taps)()
-    cached = CachedTeachers(["t"], [[exact.path]]).request(images[index], index, taps)()
-    halved = CachedTeachers(["t"], [[half.path]]).request(images[index], index, taps)()
+    live = LocalTeachers(["t"], [net]).request(images.x[index], index, taps)()
+    cached = CachedTeachers(["t"], [[exact.path]]).request(images.x[index], index, taps)()
+    halved = CachedTeachers(["t"], [[half.path]]).request(images.x[index], index, taps)()
     torch.testing.assert_close(cached.logits, live.logits, rtol=0, atol=1e-5)
     for tap in taps[0]:
         assert cached.features[0][tap].shape == live.features[0][tap].shape
@@ -111,7 +112,7 @@ def test_cached_features_equal_the_live_teachers_features(ray_session, tmp_path,
     assert key.taps == ("pool", "stage2")
     assert lookup(root, replace(key, taps=())) is None  # a logits-only entry is another key
     with pytest.raises(KeyError, match="cache_features"):
-        CachedTeachers(["t"], [[exact.path]]).request(images[index], index, [["stage1"]])
+        CachedTeachers(["t"], [[exact.path]]).request(images.x[index], index, [["stage1"]])
 
 
 def test_replicas_serve_identical_logits_and_requests_are_spread(ray_session, tmp_path, images, teacher):
@@ -119,7 +120,7 @@ def test_replicas_serve_identical_logits_and_requests_are_spread(ray_session, tm
     pools = start_teacher_actors([spec], [weights], cpus=0.25, gpus=0.0, replicas=2)
     try:
         replicas = pools[0].replicas
-        x = images[:64]
+        x = images.x[:64]
         outs = ray.get([r.forward.remote(x.numpy(), []) for r in replicas])
         teachers = ActorTeachers(["t"], pools, start=1)  # a worker of rank 1 starts on replica 1
         for _ in range(3):
@@ -140,11 +141,11 @@ def test_replaying_the_bank_trains_exactly_like_live_teachers_on_the_same_views(
     splits = load_dataset(DATA.name, **DATA.loader_kwargs(0))
     pools = start_teacher_actors([spec], [weights], cpus=0.5, gpus=0.0)
     try:
-        uses = ensure_cached(pools, [spec], [weights], splits.train.x, root=str(tmp_path / "cache"),
+        uses = ensure_cached(pools, [spec], [weights], splits.train, root=str(tmp_path / "cache"),
                              fingerprint=splits.fingerprint, views=BANK, dtype="float32")
     finally:
         release(pools)
-    stage = StageSpec(name="distill", seed=0, data=DATA, model=ModelConfig("cnn", {"width": 9, "stem_stride": 2}),
+    stage = StageSpec(name="distill", seed=0, data=DATA, model=ModelRef("cnn", {"width": 9, "stem_stride": 2}),
                       train=TrainConfig(epochs=2, batch_size=128), distill=DistillConfig(),
                       teacher_names=["t"], teacher_models=[spec.model], view_bank=BANK)
     paths = [[u.path for u in per_view] for per_view in uses]
@@ -168,7 +169,7 @@ def test_a_distill_stage_replays_the_bank_through_ray_train(ray_session, tmp_pat
         "ray.teacher_replicas=2", f"output_dir={tmp_path / 'runs'}",
     ])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from pipelines.runner import run_experiment
+    from hpmkd.pipelines.runner import run_experiment
 
     summary = run_experiment(cfg, tracking_uri=uri)
     client = MlflowClient(uri)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.teacher_service import ActorTeachers, TeacherSpec, release, start_teacher_actors
-from hpmkd.config import ModelConfig
-from hpmkd.teachers import LocalTeachers
+from hpmkd.components.teacher_service import ActorTeachers, release, start_teacher_actors
+
+from hpmkd.teachers import LocalTeachers, TeacherSpec
+from hpmkd.models.ref import DataShape, ModelRef
 
 
 def saved_teacher(tmp_path, name: str, model: str, seed: int):
-    spec = TeacherSpec(name, ModelConfig(model), num_classes=10, input_shape=(1, 28, 28))
+    spec = TeacherSpec(name, ModelRef(model), DataShape(10, (1, 28, 28)))
     torch.manual_seed(seed)
-    net = spec.build()
+    net = spec.model.build(spec.shape)
     # Give BatchNorm non-trivial running statistics so eval mode matters.
     net.train()
     with torch.no_grad():
@@ -50,7 +51,7 @@ def test_actors_serve_the_same_logits_as_the_local_models(ray_session, tmp_path)
 
 def test_a_checkpoint_that_does_not_fit_names_the_layer_before_any_actor_starts(ray_session, tmp_path):
     spec, _, path = saved_teacher(tmp_path, "a", "cnn_small", 0)
-    wrong = TeacherSpec("a", ModelConfig("resnet8"), num_classes=10, input_shape=(1, 28, 28))
+    wrong = TeacherSpec("a", ModelRef("resnet8"), DataShape(10, (1, 28, 28)))
     with pytest.raises(ValueError) as info:
         start_teacher_actors([wrong], [str(path)], cpus=0.5, gpus=0.0)
     message = str(info.value)

@@ -2,7 +2,7 @@
 
 Per experiment: the pipeline runs (and mean ± std over seeds of one configuration), accuracy against compression,
 teacher weights and temperature over training, a stage timeline, and the runs that failed or were killed (see
-:mod:`components.report.sections`). The report reads runs, metric histories and tags; it logs nothing back unless
+:mod:`hpmkd.components.report.sections`). The report reads runs, metric histories and tags; it logs nothing back unless
 ``log=True``, which records the report as the artifacts of one run (tag ``kind=report``) per reported experiment.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from components.report.records import ExperimentRecords, load_experiments, open_store
-from components.report.sections import SECTIONS, ReportContext
+from hpmkd.components.report.records import ExperimentRecords, load_experiments, open_store
+from hpmkd.components.report.sections import SECTIONS, ReportContext
 
 REPORT_FILE = "report.md"
 

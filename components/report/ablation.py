@@ -16,8 +16,8 @@ from typing import Sequence
 
 from scipy import stats
 
-from components.report.records import ExperimentRecords, PipelineRecord
-from components.report.tables import seed_order
+from hpmkd.components.report.records import ExperimentRecords, PipelineRecord
+from hpmkd.components.report.tables import seed_order
 
 ABLATION_TAG = "ablation"
 VARIANT_TAG = "ablation_variant"

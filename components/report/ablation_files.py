@@ -1,4 +1,4 @@
-"""An ablation table (:class:`components.report.ablation.AblationTable`) as files: Markdown (the table and one
+"""An ablation table (:class:`hpmkd.components.report.ablation.AblationTable`) as files: Markdown (the table and one
 sentence per component on what the data show), CSV (one row per variant), JSON (everything, per seed) and two
 figures (test accuracy per variant; paired differences against the full pipeline per seed).
 """
@@ -11,11 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from components.report import plots
-from components.report.ablation import (ALPHA, CONSTANT, FULL, HELPS, HURTS, NO_DIFFERENCE, NO_SIGNIFICANT, UNTESTED,
+from hpmkd.components.report import plots
+from hpmkd.components.report.ablation import (ALPHA, CONSTANT, FULL, HELPS, HURTS, NO_DIFFERENCE, NO_SIGNIFICANT, UNTESTED,
                                         AblationTable, Estimate, VariantRow)
-from components.report.plots import Spread
-from components.report.tables import image, markdown_table
+from hpmkd.components.report.plots import Spread
+from hpmkd.components.report.tables import image, markdown_table
 
 MARKDOWN, CSV, JSON = "ablation.md", "ablation.csv", "ablation.json"
 ACCURACY_FIGURE, DIFFERENCE_FIGURE = "ablation_accuracy", "ablation_differences"

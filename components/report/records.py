@@ -1,6 +1,6 @@
 """The MLflow records a report is built from, read once into typed dataclasses (read only: nothing is logged).
 
-An experiment's runs are of two kinds (see :mod:`components.tracking`): pipeline runs (tag ``kind=pipeline``: one
+An experiment's runs are of two kinds (see :mod:`hpmkd.components.tracking`): pipeline runs (tag ``kind=pipeline``: one
 per ``hpmkd run``, with the flattened config as params and ``student_test_acc``, ``retention``, ``compression``,
 ``wall_s`` as metrics) and stage runs nested under them (tag ``kind=stage``, with ``stage``, ``stage_kind``,
 ``reused``/``reused_from`` tags and the stage's final metrics). Per-epoch series are read on demand with

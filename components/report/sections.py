@@ -14,12 +14,12 @@ from typing import Callable, TypeVar
 
 from mlflow import MlflowClient
 
-from components.report import plots
-from components.report.ablation import ablation_ids, ablation_table
-from components.report.ablation_files import ablation_markdown, draw
-from components.report.plots import Bar, Line, Panel, Point
-from components.report.records import TERMINAL_FAILURES, ExperimentRecords, PipelineRecord, StageRecord, series
-from components.report.tables import COLUMNS, config_groups, image, markdown_table, mean_std
+from hpmkd.components.report import plots
+from hpmkd.components.report.ablation import ablation_ids, ablation_table
+from hpmkd.components.report.ablation_files import ablation_markdown, draw
+from hpmkd.components.report.plots import Bar, Line, Panel, Point
+from hpmkd.components.report.records import TERMINAL_FAILURES, ExperimentRecords, PipelineRecord, StageRecord, series
+from hpmkd.components.report.tables import COLUMNS, config_groups, image, markdown_table, mean_std
 
 #: figures show at most this many series panels / pipeline runs (the newest); the tables list every run
 MAX_PANELS = 12

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
 
-from components.report.records import PipelineRecord
+from hpmkd.components.report.records import PipelineRecord
 
 #: params that do not change what a run computes: the seed (varied on purpose) and storage locations
 PLACE_KEYS = ("seed", "output_dir", "cache_dir", "data.root", "ray.address", "ray.storage_path")

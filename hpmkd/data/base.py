@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from torch import Tensor
 
+from hpmkd.data.batching import iterate_batches
+from hpmkd.models.ref import DataShape
 from hpmkd.registry import Registry
 
 #: Data-set name -> factory ``(root: str | None, download: bool) -> RawData`` (a factory may take fewer of these).
@@ -30,13 +32,22 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclass
 class Split:
-    """One split: ``x`` float32, already normalised (``[N, C, H, W]`` images, ``[N, D]`` tabular); ``y`` int64."""
+    """One split held in memory, the in-memory :class:`~hpmkd.data.source.BatchSource`: ``x`` float32, already
+    normalised (``[N, C, H, W]`` images, ``[N, D]`` tabular); ``y`` int64."""
 
     x: Tensor
     y: Tensor
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.x[index], self.y[index]
+
+    def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return iterate_batches(self, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                               world_size=world_size)
 
 
 @dataclass
@@ -56,6 +67,10 @@ class DataSplits:
     class_names: list[str]
     fingerprint: str
     source: str
+
+    @property
+    def shape(self) -> DataShape:
+        return DataShape(self.num_classes, tuple(self.input_shape))
 
 
 @dataclass

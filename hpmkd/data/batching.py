@@ -1,4 +1,4 @@
-"""Mini-batches by tensor indexing (no DataLoader, no per-sample Python loop).
+"""Mini-batches by row index (no DataLoader, no per-sample Python loop), from any :class:`~hpmkd.data.source.BatchSource`.
 
 The order follows ``torch.utils.data.DistributedSampler``: one permutation of ``range(N)`` per ``(seed, epoch)``
 (the identity when not shuffling), padded by repeating its head to a multiple of ``world_size``, and rank ``r`` keeps
@@ -9,13 +9,14 @@ and ``(s + 1, e)`` then give different orders).
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hpmkd.data.base import Split
+if TYPE_CHECKING:
+    from hpmkd.data.source import BatchSource
 
 
 def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
@@ -40,7 +41,7 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, 
 
 
 def iterate_batches(
-    split: Split,
+    split: BatchSource,
     batch_size: int,
     *,
     shuffle: bool,
@@ -50,7 +51,8 @@ def iterate_batches(
     world_size: int = 1,
     drop_last: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Yield ``(x, y, index)`` batches of this rank's share of ``split`` for one epoch.
+    """Yield ``(x, y, index)`` batches of this rank's share of ``split`` for one epoch (its rows read with
+    ``split.rows(index)``).
 
     ``index`` holds the positions in ``split`` (int64). ``drop_last`` drops this rank's last batch when it has fewer
     than ``batch_size`` samples.
@@ -61,4 +63,4 @@ def iterate_batches(
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     for start in range(0, stop, batch_size):
         index = order[start : start + batch_size]
-        yield split.x[index], split.y[index], index
+        yield *split.rows(index), index

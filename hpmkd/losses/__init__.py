@@ -7,8 +7,9 @@
 * ``rkd``: relational KD, distance + angle (:mod:`hpmkd.losses.rkd`)
 * ``pkt``: probabilistic knowledge transfer (:mod:`hpmkd.losses.pkt`)
 * ``crd``: contrastive representation distillation (:mod:`hpmkd.losses.crd`)
-* ``hierarchical``: HumP-KD masked multi-level feature alignment, [RECON] (:mod:`hpmkd.losses.hierarchical`)
-* ``reference``: SMSKD reference anchor with TCP weights, [RECON] (:mod:`hpmkd.losses.reference`)
+* ``hierarchical``: HumP-KD masked multi-level feature alignment, [RECON] our reconstruction
+  (:mod:`hpmkd.losses.hierarchical`)
+* ``reference``: SMSKD reference anchor with TCP weights, [RECON] our reconstruction (:mod:`hpmkd.losses.reference`)
 
 Multi-teacher rules: :mod:`hpmkd.losses.mixing` (logit methods) and :func:`hpmkd.losses.base.combine_teachers`
 (feature and relation methods).

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from hpmkd.distill_batch import DistillBatch, ModelTaps
 from hpmkd.registry import Registry
 
-LOSSES: Registry["DistillLoss"] = Registry("loss")
+LOSSES: Registry["DistillLoss"] = Registry(
+    "loss", context=("num_classes", "num_teachers", "num_train", "student_taps", "teacher_taps"))
 
 
 class DistillLoss(nn.Module):

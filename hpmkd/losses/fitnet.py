@@ -38,9 +38,9 @@ class FitNet(DistillLoss):
     """``ℓ_{i,m} = mean_{c,h,w} (r_m(F_S,i) − F_T^m,i)²``, ``L = (1/B) Σ_i Σ_m w_{i,m} ℓ_{i,m}``.
 
     ``r_m`` is RepDistiller's :class:`~hpmkd.features.ConvReg` (conv + BN + ReLU) from the student's hint layer to
-    teacher ``m``'s guided layer, one per teacher (FitNet-MKD, METHODS.md 5.8); for MLP hidden layers ``[B, D]``
-    ``r_m`` is a linear map to the teacher's spatially pooled feature instead (our choice, for MLP students, see
-    :func:`hint_target`). With one teacher ``L`` is
+    teacher ``m``'s guided layer, one per teacher (FitNet-MKD, the multi-teacher baseline in ``Rorozhl/CA-MKD``);
+    for MLP hidden layers ``[B, D]`` ``r_m`` is a linear map to the teacher's spatially pooled feature instead (our
+    choice, for MLP students, see :func:`hint_target`). With one teacher ``L`` is
     ``nn.MSELoss()`` as RepDistiller's ``HintLoss`` (run with weight 100). ``student_layer`` / ``teacher_layer``:
     a module name or an index into the feature taps; default the middle feature tap (RepDistiller's
     ``hint_layer = 2`` of its five features). Term: ``hint``.

@@ -1,8 +1,9 @@
 """HumP-KD's hierarchical feature distillation with a fused spatial attention mask.
 
-[RECON] Every formula here is a reconstruction (METHODS.md section 4): the HumP-KD paper's method section and code
-could not be retrieved; the abstract only says a "Hierarchical Feature Builder generates a fused spatial attention
-mask to guide distillation toward discriminative regions". Every choice below is ours and is an option.
+[RECON] Every formula here is our reconstruction: the HumP-KD paper (Mainuddin, Tabassum, Shahid, Khan, arXiv
+2606.14684) publishes only its abstract; its method section and code could not be retrieved, and the abstract only
+says a "Hierarchical Feature Builder generates a fused spatial attention mask to guide distillation toward
+discriminative regions". Every choice below is ours and is an option.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Hierarchical(DistillLoss):
     * ``M_l`` (``mask: true``): :func:`fused_mask` at level ``l``'s resolution, optionally binarised to the top
       ``top_k`` fraction of positions (``top_k: null`` keeps the soft mask); ``mask: false`` uses ``M = 1``
       (plain multi-level feature matching, squared error summed over channels, averaged over positions).
-    Source: METHODS.md section 4 (our reconstruction of HumP-KD). Term: ``hierarchical``.
+    Source: our reconstruction of HumP-KD (arXiv 2606.14684, abstract only). Term: ``hierarchical``.
     """
 
     def __init__(

@@ -5,7 +5,8 @@ The aggregator (:mod:`hpmkd.ensemble`) gives per-sample weights ``w [B, M]`` (ro
 * ``logits``: one target ``σ(Σ_m w_m z_m / T)``;
 * ``probs``:  one target ``Σ_m w_m σ(z_m / T)``;
 * ``loss``:   the method's per-sample loss is computed against every teacher and averaged, ``Σ_m w_m ℓ(σ(z_m / T))``
-  (AVER / EBKD / CA-MKD style, see METHODS.md 5.7-5.8).
+  (AVER / EBKD / CA-MKD style: CA-MKD, Zhang, Chen, Wang, ICASSP 2022, arXiv 2201.00007, and the multi-teacher
+  baselines in its repository ``Rorozhl/CA-MKD``).
 
 :func:`over_teachers` applies any per-sample function of a target *log*-distribution under these rules, so every
 logit method (KD, DKD, the SMSKD reference weights) treats teachers the same way.

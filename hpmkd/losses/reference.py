@@ -1,10 +1,10 @@
 """SMSKD's reference anchor: keep the student close to the frozen previous-stage student, weighted per sample by the
 teacher's true-class probability.
 
-[RECON] SMSKD (arXiv 2601.15657) publishes only its abstract: "a frozen reference model from the previous stage
-anchors learned knowledge" and "an adaptive weighting mechanism based on the teacher true class probability (TCP)".
-The loss form, the direction of the weight and its normalisation are our reconstruction (METHODS.md section 1) and
-are options.
+[RECON] (our reconstruction) SMSKD (Tian, Huang, Tang, Yao, arXiv 2601.15657) publishes only its abstract: "a
+frozen reference model from the previous stage anchors learned knowledge" and "an adaptive weighting mechanism based
+on the teacher true class probability (TCP)"; no official code was found. The loss form, the direction of the
+weight and its normalisation are our reconstruction and are options.
 """
 
 from __future__ import annotations

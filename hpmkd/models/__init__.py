@@ -8,7 +8,7 @@ Families (one module each): :mod:`~hpmkd.models.cnn` (``cnn``, ``cnn_tiny`` .. `
 
 from hpmkd.models import cifar_resnet, cnn, mlp, vgg, wrn  # noqa: F401  (registers the families)
 from hpmkd.models.base import MODELS, count_params, model_taps
-from hpmkd.models.factory import create_model, list_models
+from hpmkd.models.factory import create_model, is_model, list_models
 from hpmkd.models.state import load_state_checked
 
-__all__ = ["MODELS", "count_params", "create_model", "list_models", "load_state_checked", "model_taps"]
+__all__ = ["MODELS", "count_params", "create_model", "is_model", "list_models", "load_state_checked", "model_taps"]

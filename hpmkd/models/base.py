@@ -17,7 +17,7 @@ from torch import nn
 from hpmkd.distill_batch import ModelTaps
 from hpmkd.registry import Registry
 
-MODELS: Registry[nn.Module] = Registry("model")
+MODELS: Registry[nn.Module] = Registry("model", context=("num_classes", "in_channels", "input_shape"))
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -19,6 +19,11 @@ def torchvision_models() -> dict[str, str]:
     return {(TORCHVISION_PREFIX + n if n in MODELS else n): n for n in torchvision_names()}
 
 
+def is_model(name: str) -> bool:
+    """Whether :func:`create_model` builds ``name`` (torchvision is imported only for names that are not ours)."""
+    return name in MODELS or name in torchvision_models()
+
+
 def list_models() -> list[str]:
     """Every name :func:`create_model` accepts: ours, then torchvision's."""
     return MODELS.names() + sorted(torchvision_models())
@@ -40,7 +45,6 @@ def create_model(
             raise ConfigError(
                 f"model {name!r}: input_shape {input_shape} does not start with in_channels={in_channels}."
             )
-    tv_models = torchvision_models()
     if name in MODELS:
         takes_any_shape = "input_shape" in (user_options(MODELS.get(name), ()) or ())
         if input_shape is not None and not takes_any_shape:
@@ -48,6 +52,7 @@ def create_model(
         return MODELS.build(
             name, kwargs, num_classes=num_classes, in_channels=in_channels, input_shape=input_shape
         )
+    tv_models = torchvision_models()  # imports torchvision (about a second): only for names that are not ours
     if name in tv_models:
         if input_shape is not None:
             check_image_shape(name, input_shape)

@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from hpmkd.distill_batch import ModelTaps
@@ -53,6 +52,8 @@ PROBE_SIZE = 64
 
 def torchvision_names() -> list[str]:
     """torchvision's classification model names."""
+    import torchvision  # about a second to import: only when a torchvision model is listed or built
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -209,6 +210,8 @@ class TorchvisionNet(nn.Module):
     def __init__(self, name: str, num_classes: int, in_channels: int, pretrained: bool = False, **kwargs: Any):
         super().__init__()
         check_positive(num_classes=num_classes, in_channels=in_channels)
+        import torchvision
+
         kwargs = {**BUILD_DEFAULTS.get(name, {}), **kwargs}
         if pretrained:  # ImageNet weights come with a 1000-class head: replace it unless that is what is asked for
             net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)

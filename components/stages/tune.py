@@ -2,14 +2,14 @@
 proposals, and hands the best configuration (on validation) to the stages that depend on it.
 
 * **Start**: the task's meta-features (data, teachers just trained or loaded, student) and the proposals
-  (:mod:`components.config_manager`: memory or published defaults) are logged (``proposals.json``, tag
+  (:mod:`hpmkd.components.config_manager`: memory or published defaults) are logged (``proposals.json``, tag
   ``proposal_source``). The proposals are Tune's ``points_to_evaluate``: they are the first trials, the searcher
   (``random``, or ``optuna``'s TPE) samples the rest of ``config_manager.trials`` from ``search_space``.
 * **Trials** run ``budget_epochs`` epochs each, stopped early by ASHA (``scheduler: asha``) on ``best_val_acc``.
   A trial is a Tune *function trainable* that runs :func:`hpmkd.training.train_stage` in its own process with a
   plain-PyTorch :class:`~hpmkd.training.StageEnv` (one device, no DDP), its teachers served exactly as a ``distill``
   stage's are (logit cache or actors). Not Ray Train: a ``TorchTrainer`` per trial costs 10-20 s of fixed start-up
-  (shared/RAY_MLFLOW.md §1) for a few seconds of work, and a trial killed by ASHA leaves its Train placement group to
+  (measured with Ray 2.60) for a few seconds of work, and a trial killed by ASHA leaves its Train placement group to
   a cleaner; a function trainable starts in about a second and reports Tune checkpoints that ASHA and
   ``Tuner.restore`` use directly (and Tune reuses a finished trial's process for the next one). Trials run side
   by side as the cluster allows (``max_concurrent``, or the cluster's CPUs over ``cpus_per_trial``), each asking
@@ -20,10 +20,10 @@ proposals, and hands the best configuration (on validation) to the stages that d
 * **Resume**: the Tune experiment is named after the stage's content key under ``ray.storage_path``; a stage that
   finds it (``Tuner.can_restore``) after a crash calls ``Tuner.restore``: finished trials are kept, unfinished and
   errored ones continue from their last per-epoch checkpoint, and their MLflow runs are picked up again. With
-  ``reuse: false`` the name also holds the stage's MLflow run (:func:`components.stages.resume_key`): nothing is
+  ``reuse: false`` the name also holds the stage's MLflow run (:func:`hpmkd.components.stages.resume_key`): nothing is
   restored, the search starts afresh.
 * **Output**: ``overrides`` (the config key paths of the best configuration), which every stage depending on this
-  one runs with (:func:`components.stages.configured`); plus the proposals, their source and the chosen config.
+  one runs with (:func:`hpmkd.components.stages.configured`); plus the proposals, their source and the chosen config.
 """
 
 from __future__ import annotations
@@ -41,14 +41,16 @@ import torch
 from mlflow import MlflowClient
 from ray import tune
 
-from components.config_manager import budget_epochs, fixed_for, memory_records, proposals_for, source_of
-from components.memory import make_record, remember, student_params, task_features
-from components.stage_runner import worker_teachers
-from components.stages import STAGE_KINDS, ExperimentContext, StageOutcome, StageRun, distill_setup, resume_key
-from components.scheduler import Stage, StageResult
-from components.tracking import log_metrics, log_params
 from hpmkd import checkpoint
-from hpmkd.config import ExperimentConfig, with_overrides
+from hpmkd.components.config_manager import budget_epochs, fixed_for, memory_records, proposals_for, source_of
+from hpmkd.components.graph import Stage, StageOutcome, StageResult
+from hpmkd.components.memory import make_record, remember, task_features
+from hpmkd.components.stage_params import Distill, Tune, TunedConfig
+from hpmkd.components.stage_runner import worker_teachers
+from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key
+from hpmkd.components.stages.distill import distill_setup
+from hpmkd.components.tracking import log_metrics, log_params
+from hpmkd.config import ExperimentConfig, Recipe
 from hpmkd.meta_features import TaskFeatures
 from hpmkd.registry import Registry
 from hpmkd.search_space import HYPERPARAMETERS, SearchSpace, build_space
@@ -105,6 +107,7 @@ class TrialSetup:
     """What every trial needs, shipped once through the object store (``tune.with_parameters``)."""
 
     cfg: ExperimentConfig
+    recipe: Recipe
     spec: StageSpec
     space: SearchSpace
     budget: int
@@ -119,8 +122,8 @@ class TrialSetup:
 
     def trial_spec(self, config: dict[str, float]) -> StageSpec:
         """The distillation spec with ``config`` applied (recipe and train settings) at the trial budget."""
-        cfg = with_overrides(self.cfg, self.space.overrides(config))
-        return replace(self.spec, distill=cfg.distill, train=replace(cfg.distill_train(), epochs=self.budget),
+        recipe = self.recipe.with_overrides(self.space.overrides(config))
+        return replace(self.spec, distill=recipe.distill, train=replace(recipe.train, epochs=self.budget),
                        read_test=False)
 
 
@@ -274,46 +277,52 @@ def close_trials(client: MlflowClient, setup: TrialSetup, grid: Any, task: TaskF
 
 
 @STAGE_KINDS.register("tune")
-def tune_stage(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], run: StageRun) -> StageOutcome:
-    """Search the distillation configuration for the teachers in ``stage.deps`` (see module docstring)."""
-    cfg = ctx.cfg
-    teachers = [inputs[d] for d in stage.deps]
-    space = build_space(cfg)
-    task = task_features(cfg, ctx.splits, teachers, student_params(cfg, ctx.splits))
-    client = ctx.tracker.client
-    records = memory_records(cfg, client)
-    proposals, fixed = proposals_for(cfg, task, space, records), fixed_for(cfg, task, records)
-    source = source_of(proposals)
-    ctx.tracker.log_dict(run.run_id, {"task": task.to_dict(), "proposals": [p.to_dict() for p in proposals],
-                                      "proposed_only": [p.to_dict() for p in fixed]}, "proposals.json")
-    ctx.tracker.set_tags(run.run_id, {"proposal_source": source})
-    log.info("tune: %d proposal(s) from %s: %s", len(proposals), source, [p.config for p in proposals])
-    search = resume_key(ctx, run)  # the trials' tag tune_key, and the search's name
-    before = trial_runs(client, ctx.tracker.experiment_id, search)
-    with distill_setup(stage, ctx, teachers, run) as (spec, plan):
-        setup = TrialSetup(cfg, spec, space, budget_epochs(cfg), max(1, int(cfg.config_manager.cpus_per_trial)),
-                           ctx.tracker.tracking_uri, ctx.tracker.experiment_id, run.run_id, search, stage.name,
-                           list(plan.pools), plan.cache)
-        name = f"{cfg.experiment}-{stage.name}-{search}"
-        tuner, restored = make_tuner(setup, [p.config for p in proposals], name, ctx.storage_path)
-        grid = tuner.fit()
-    ctx.tracker.set_tags(run.run_id, {"restored": str(restored).lower()})
-    closed = close_trials(client, setup, grid, task)
-    log.info("tune: deleted %d trial checkpoint(s) of the finished search",
-             prune_checkpoints(experiment_path(ctx.storage_path, name)))
-    if not closed:
-        raise RuntimeError(f"stage {stage.name!r}: every one of the {len(grid)} trials failed; see their runs' "
-                           f"error tags (first: {next((r.error for r in grid if r.error), None)}).")
-    best_id, best = max(closed.items(), key=lambda item: item[1].best_val_acc)
-    metrics = {"val_acc": best.best_val_acc, "trials": float(len(grid)), "trials_failed": float(len(grid) - len(closed)),
-               "trials_restored": float(len(before)),
-               "trials_early_stopped": float(sum(t.early_stopped for t in closed.values()))}
-    chosen, overrides = dict(best.config), space.overrides(best.config)
-    for name, value in ((n, v) for p in fixed for n, v in p.config.items()):  # proposed, not searched
-        chosen[name] = value
-        overrides.update(HYPERPARAMETERS[name].overrides(value, None))
-    outputs = {"overrides": overrides, "config": chosen, "source": source,
-               "proposals": [p.to_dict() for p in proposals + fixed], "best_trial": best_id,
-               "best_trial_run": best.run_id, "restored": restored, "budget_epochs": setup.budget}
-    ctx.tracker.log_dict(run.run_id, {k: outputs[k] for k in ("config", "overrides", "best_trial")}, "chosen.json")
-    return StageOutcome(metrics, outputs)
+class TuneKind(StageKind):
+    """Search the distillation configuration (:class:`~hpmkd.components.stage_params.Tune`; module docstring)."""
+
+    record_type = TunedConfig
+
+    def run(self, stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], run: StageRun) -> StageOutcome:
+        params: Tune = stage.params
+        cfg = ctx.cfg
+        teachers = [inputs[d] for d in params.teachers]
+        space = build_space(cfg)
+        task = task_features(cfg, ctx.splits, teachers, params.student.count_params(ctx.splits.shape))
+        client = ctx.tracker.client
+        records = memory_records(cfg, client)
+        proposals, fixed = proposals_for(cfg, task, space, records), fixed_for(cfg, task, records)
+        source = source_of(proposals)
+        ctx.tracker.log_dict(run.run_id, {"task": task.to_dict(), "proposals": [p.to_dict() for p in proposals],
+                                          "proposed_only": [p.to_dict() for p in fixed]}, "proposals.json")
+        ctx.tracker.set_tags(run.run_id, {"proposal_source": source})
+        log.info("tune: %d proposal(s) from %s: %s", len(proposals), source, [p.config for p in proposals])
+        search = resume_key(ctx, run)  # the trials' tag tune_key, and the search's name
+        before = trial_runs(client, ctx.tracker.experiment_id, search)
+        distill = Distill(params.student, params.recipe, params.teachers)
+        with distill_setup(stage, ctx, distill, inputs, run) as (spec, plan):
+            setup = TrialSetup(cfg, params.recipe, spec, space, budget_epochs(cfg),
+                               max(1, int(params.config_manager.cpus_per_trial)), ctx.tracker.tracking_uri,
+                               ctx.tracker.experiment_id, run.run_id, search, stage.name, list(plan.pools), plan.cache)
+            name = f"{cfg.experiment}-{stage.name}-{search}"
+            tuner, restored = make_tuner(setup, [p.config for p in proposals], name, ctx.storage_path)
+            grid = tuner.fit()
+        ctx.tracker.set_tags(run.run_id, {"restored": str(restored).lower()})
+        closed = close_trials(client, setup, grid, task)
+        log.info("tune: deleted %d trial checkpoint(s) of the finished search",
+                 prune_checkpoints(experiment_path(ctx.storage_path, name)))
+        if not closed:
+            raise RuntimeError(f"stage {stage.name!r}: every one of the {len(grid)} trials failed; see their runs' "
+                               f"error tags (first: {next((r.error for r in grid if r.error), None)}).")
+        best_id, best = max(closed.items(), key=lambda item: item[1].best_val_acc)
+        metrics = {"val_acc": best.best_val_acc, "trials": float(len(grid)),
+                   "trials_failed": float(len(grid) - len(closed)), "trials_restored": float(len(before)),
+                   "trials_early_stopped": float(sum(t.early_stopped for t in closed.values()))}
+        chosen, overrides = dict(best.config), space.overrides(best.config)
+        for hp, value in ((n, v) for p in fixed for n, v in p.config.items()):  # proposed, not searched
+            chosen[hp] = value
+            overrides.update(HYPERPARAMETERS[hp].overrides(value, None))
+        tuned = TunedConfig(overrides, chosen, source, [p.to_dict() for p in proposals + fixed], best_id, best.run_id,
+                            restored, setup.budget)
+        ctx.tracker.log_dict(run.run_id, {"config": chosen, "overrides": overrides, "best_trial": best_id},
+                             "chosen.json")
+        return StageOutcome(metrics, record=tuned)

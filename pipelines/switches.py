@@ -1,9 +1,9 @@
-"""HPM-KD's six components as switches: the ``components`` section and the config each switch leaves.
+"""HPM-KD's six components as switches: the ``components`` config section and the config each switch leaves.
 
 A switch that is ``true`` leaves the config as written; ``false`` replaces the component by its plain counterpart,
-whatever the pipeline (:data:`SWITCHES`). :func:`effective_config` applies every switch that is off; the runner
-applies it once, before the stage graph is built, so every stage, the scheduler and the Tune search see the same
-effective config (and it is what the parent run records as params).
+whatever the pipeline (:data:`SWITCHES`). :func:`effective_config` applies every switch that is off; it is applied
+once, when the experiment is planned (:func:`hpmkd.pipelines.plan_experiment`), so every stage, the scheduler and
+the Tune search see the same effective config (and it is what the parent run records as params).
 
 =====================  ==================================================================================
 switch (``false``)     plain counterpart
@@ -25,12 +25,9 @@ Every replacement is a fixed value, so :func:`effective_config` is idempotent.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
+from hpmkd.config import SECTIONS, ExperimentConfig
 from hpmkd.registry import Registry
-
-if TYPE_CHECKING:
-    from hpmkd.config import ExperimentConfig
 
 #: the switches, in the order the ``components`` section lists them
 COMPONENTS: tuple[str, ...] = ("config_manager", "chain", "attention", "meta_temperature", "parallel", "memory")
@@ -39,6 +36,7 @@ COMPONENTS: tuple[str, ...] = ("config_manager", "chain", "attention", "meta_tem
 PUBLISHED_T = 4.0
 
 
+@SECTIONS.register("components")
 @dataclass
 class ComponentsConfig:
     """Which of HPM-KD's components run (all ``true``: the config as written); see the module docstring."""
@@ -61,12 +59,12 @@ SWITCHES: Registry[ExperimentConfig] = Registry("component")
 
 @SWITCHES.register("config_manager")
 def without_config_manager(cfg: ExperimentConfig) -> ExperimentConfig:
-    return replace(cfg, config_manager=replace(cfg.config_manager, enabled=False))
+    return cfg.with_section("config_manager", replace(cfg.config_manager, enabled=False))
 
 
 @SWITCHES.register("chain")
 def without_chain(cfg: ExperimentConfig) -> ExperimentConfig:
-    return replace(cfg, chain=replace(cfg.chain, assistants=[]))
+    return cfg.with_section("chain", replace(cfg.chain, assistants=[]))
 
 
 @SWITCHES.register("attention")
@@ -87,7 +85,7 @@ def without_parallel(cfg: ExperimentConfig) -> ExperimentConfig:
 
 @SWITCHES.register("memory")
 def without_memory(cfg: ExperimentConfig) -> ExperimentConfig:
-    return replace(cfg, reuse=False, config_manager=replace(cfg.config_manager, memory=False))
+    return replace(cfg, reuse=False).with_section("config_manager", replace(cfg.config_manager, memory=False))
 
 
 def effective_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -97,7 +95,5 @@ def effective_config(cfg: ExperimentConfig) -> ExperimentConfig:
         return cfg
     for name in off:
         cfg = SWITCHES.get(name, "components")(cfg)
-    from hpmkd.config import check_search_space  # hpmkd.config imports this module for ComponentsConfig
-
-    check_search_space(cfg)  # a searched key the plain counterpart lacks is reported before anything runs
+    cfg.config_manager.check_with(cfg)  # a searched key the plain counterpart lacks is reported before anything runs
     return cfg

@@ -1,0 +1,27 @@
+"""The data-source seam: where the training loop takes a split's batches from.
+
+The loop (:func:`hpmkd.training.train_stage`) and evaluation read a split only through :class:`BatchSource`: its
+length, its batches for an epoch (with each row's index in the split, which stored teacher outputs are looked up
+by) and rows by index. :class:`hpmkd.data.base.Split` is the in-memory source (tensors indexed in place); a
+streamed source (files decoded by ``DataLoader`` worker processes, or Ray Data shards) implements the same three
+methods, and a data set whose splits are such sources needs no change to the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+from torch import Tensor
+
+
+class BatchSource(Protocol):
+    def __len__(self) -> int:
+        """The number of rows."""
+
+    def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``(x, y, index)`` batches of rank ``rank``'s share for one epoch, in the order of
+        :func:`hpmkd.data.batching.epoch_order` (a permutation fixed by ``(seed, epoch)`` when shuffling)."""
+
+    def rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of the rows ``index``."""
