@@ -6,7 +6,7 @@ overrides, and validates everything that can be checked without starting Ray: un
 model / loss / aggregator / schedule names and their options, and that checkpoint files exist.
 
 The core sections are defined here. Every other top-level section is owned by the pipeline or component that reads
-it and registered in :data:`SECTIONS` by its module (``chain`` by :mod:`hpmkd.pipelines.chain`, ``smskd`` by
+it and registered in :data:`SECTIONS` by its module (imported first, :data:`PLUGIN_MODULES`) (``chain`` by :mod:`hpmkd.pipelines.chain`, ``smskd`` by
 :mod:`hpmkd.pipelines.smskd`, ``config_manager`` by :mod:`hpmkd.search_space`, ``components`` by
 :mod:`hpmkd.pipelines.switches`): a new pipeline adds its section without editing this file. A section class is a
 dataclass with defaults; it may define ``check(path)`` (its own values) and ``check_with(cfg)`` (against the whole
@@ -38,7 +38,10 @@ def positive(path: str, **values: float) -> None:
 
 @dataclass
 class DataConfig:
-    """Which data set, where it is, and how it is split (train/val from the official train set, fixed by seed)."""
+    """Which data set, where it is, and how it is split (train/val from the official train set, fixed by seed).
+
+    ``options``: the data set's own keyword options (a table's ``target`` column, an image folder's ``resize``),
+    checked against its factory's signature (:data:`hpmkd.data.DATASETS`)."""
 
     name: str = "fashion_mnist"
     root: str | None = None
@@ -48,6 +51,7 @@ class DataConfig:
     max_test: int | None = None
     download: bool = False
     augment: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
 
     def check(self, path: str) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -58,6 +62,7 @@ class DataConfig:
         """Keyword arguments for :func:`hpmkd.data.load_dataset`."""
         return dict(
             root=self.root,
+            options=self.options,
             seed=seed,
             val_fraction=self.val_fraction,
             max_train=self.max_train,
@@ -275,9 +280,11 @@ class Recipe:
 
 #: top-level section name -> its dataclass (see the module docstring)
 SECTIONS: Registry[Any] = Registry("config section")
-#: the modules that register sections (and pipelines, whose names the ``pipeline`` key takes): imported before a
-#: config is read
-SECTION_MODULES = ("hpmkd.pipelines",)
+#: the modules that register what a config may name beyond the library's own registries: config sections,
+#: pipelines, teacher providers, test metrics. :func:`load_plugins` imports them before a config is read, before a
+#: teacher is built (:func:`hpmkd.teachers.provider_for`) and before test metrics are computed; add a module here
+#: when it registers such an entry and nothing else imports it.
+PLUGIN_MODULES = ("hpmkd.pipelines",)
 
 
 @dataclass
@@ -399,15 +406,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Experimen
     return config_from_data(data or {}, overrides)
 
 
-def register_sections() -> None:
-    """Import the modules that register sections and pipelines (:data:`SECTION_MODULES`; once per process)."""
-    for module in SECTION_MODULES:
+def load_plugins() -> None:
+    """Import :data:`PLUGIN_MODULES` (Python imports each once per process)."""
+    for module in PLUGIN_MODULES:
         importlib.import_module(module)
 
 
 def config_from_data(data: dict[str, Any], overrides: list[str] = ()) -> ExperimentConfig:
     """Validate plain data (a parsed YAML document) with ``--set`` style ``overrides`` into an experiment config."""
-    register_sections()
+    load_plugins()
     data = copy.deepcopy(data)
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of keys, got {type(data).__name__} {data!r}.")
@@ -478,7 +485,7 @@ def check_names(cfg: ExperimentConfig) -> None:
     from hpmkd.pipelines import PIPELINES
 
     PIPELINES.get(cfg.pipeline, "pipeline")
-    DATASETS.get(cfg.data.name, "data.name")
+    DATASETS.check_options(cfg.data.name, cfg.data.options, "data.options")
     AUGMENTATIONS.get(cfg.data.augment, "data.augment")
     check_train(cfg.train, "train")
     for i, teacher in enumerate(cfg.teachers):

@@ -71,6 +71,9 @@ def predict(predictor: nn.Module, split: BatchSource, batch_size: int, device: t
 
 def test_metrics(predictions: Predictions) -> dict[str, float]:
     """Every registered metric on ``predictions``, as ``test_<name>``."""
+    from hpmkd.config import load_plugins  # metrics registered by plugin modules
+
+    load_plugins()
     out: dict[str, float] = {}
     for name in METRICS.names():
         out.update({f"test_{k}": float(v) for k, v in METRICS.get(name)(predictions=predictions).items()})

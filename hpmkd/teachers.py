@@ -94,6 +94,9 @@ class TorchTeacher:
 
 def provider_for(ref: ModelRef, path: str = "model") -> Any:
     """The provider class that serves ``ref``; a :class:`ConfigError` naming ``path`` when none does."""
+    from hpmkd.config import load_plugins  # providers registered by plugin modules (in a fresh actor process too)
+
+    load_plugins()
     for name in PROVIDERS.names():
         provider = PROVIDERS.get(name)
         if provider.serves(ref):

@@ -77,7 +77,7 @@ class ChainConfig:
 def plan_for(cfg: ExperimentConfig) -> ChainPlan:
     """The chain from the teacher ``chain.plan_from`` (default: the largest) to the student, given by hand or
     planned; sized for the data set's classes and input shape."""
-    num_classes, input_shape = data_shape(cfg.data.name, cfg.data.root, cfg.data.download)
+    num_classes, input_shape = data_shape(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.options)
     shape = DataShape(num_classes, input_shape)
     candidates = [t.ref for t in cfg.teachers if cfg.chain.plan_from in (None, t.name)]
     teacher = max(candidates, key=lambda m: m.count_params(shape))

@@ -19,8 +19,9 @@ from hpmkd.data.batching import iterate_batches
 from hpmkd.models.ref import DataShape
 from hpmkd.registry import Registry
 
-#: Data-set name -> factory ``(root: str | None, download: bool) -> RawData`` (a factory may take fewer of these).
-DATASETS: Registry["RawData"] = Registry("dataset")
+#: Data-set name -> factory ``(root: str | None, download: bool, **options) -> RawData`` (a factory may take fewer
+#: of the context keywords; its own options come from ``data.options``).
+DATASETS: Registry["RawData"] = Registry("dataset", context=("root", "download"))
 
 #: Environment variable naming a folder that holds data sets (searched after ``data.root``).
 DATA_ENV = "HPMKD_DATA"

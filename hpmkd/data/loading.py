@@ -9,6 +9,8 @@ is replaced by 1). Nothing is cached on disk.
 from __future__ import annotations
 
 import functools
+import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ def load_dataset(
     name: str,
     *,
     root: str | None = None,
+    options: dict[str, Any] | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
     max_train: int | None = None,
@@ -34,10 +37,11 @@ def load_dataset(
 
     The validation split is a stratified ``val_fraction`` of the official training set; ``max_*`` keep stratified
     subsets of each split (every class present when the limit is at least the number of classes). Data sets without
-    an official test split hold out a stratified test split first (20 %).
+    an official test split hold out a stratified test split first (20 %). ``options`` are the data set's own
+    (``data.options``); they enter the fingerprint.
     """
     check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
-    raw = read_raw(name, root, download)
+    raw = read_raw(name, root, download, options)
     idx = split_indices(
         raw.train_y,
         raw.test_y,
@@ -64,6 +68,7 @@ def load_dataset(
         "preprocessing": raw.preprocessing,
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
+        **({"options": options} if options else {}),  # absent when empty: the fingerprint of every earlier run stays
     }
     return DataSplits(
         name=name,
@@ -78,19 +83,25 @@ def load_dataset(
     )
 
 
-def read_raw(name: str, root: str | None, download: bool) -> RawData:
-    """The raw arrays of data set ``name`` (its factory called with the context it accepts)."""
+def read_raw(name: str, root: str | None, download: bool, options: dict[str, Any] | None = None) -> RawData:
+    """The raw arrays of data set ``name`` (its factory called with its ``options`` and the context it accepts)."""
     factory = DATASETS.get(name, "data.name")
+    DATASETS.check_options(name, options or {}, "data.options")
     accepted = user_options(factory, ())
-    context = {"root": root, "download": download}
-    return factory(**{k: v for k, v in context.items() if accepted is None or k in accepted})
+    context = {k: v for k, v in {"root": root, "download": download}.items() if accepted is None or k in accepted}
+    return factory(**context, **(options or {}))
+
+
+def data_shape(name: str, root: str | None = None, download: bool = False,
+               options: dict[str, Any] | None = None) -> tuple[int, tuple[int, ...]]:
+    """``(number of classes, one model input's shape)`` of data set ``name``, from its raw files without splitting
+    or normalising: what sizing a model needs before the experiment loads its data."""
+    return cached_shape(name, root, download, json.dumps(options or {}, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=16)
-def data_shape(name: str, root: str | None = None, download: bool = False) -> tuple[int, tuple[int, ...]]:
-    """``(number of classes, one model input's shape)`` of data set ``name``, from its raw files without splitting
-    or normalising: what sizing a model needs before the experiment loads its data."""
-    raw = read_raw(name, root, download)
+def cached_shape(name: str, root: str | None, download: bool, options: str) -> tuple[int, tuple[int, ...]]:
+    raw = read_raw(name, root, download, json.loads(options))
     return len(raw.class_names), tuple(int(d) for d in raw.to_model(raw.train_x[:1]).shape[1:])
 
 
