@@ -1,7 +1,8 @@
 """The experiment configuration: typed dataclasses loaded from YAML.
 
 One YAML file describes one experiment: data, teachers, student, how each stage trains, the distillation recipe,
-where Ray runs and where MLflow records. :func:`load_config` reads it with ``yaml.safe_load``, applies ``--set``
+where Ray runs and where MLflow records. :func:`load_config` reads it with :func:`hpmkd.safe_yaml.load_yaml`
+(``yaml.safe_load`` without duplicate keys, with YAML 1.2 numbers and size limits), applies ``--set``
 overrides, and validates everything that can be checked without starting Ray: unknown keys, types, value ranges,
 model / loss / aggregator / schedule names and their options, and that checkpoint files exist.
 
@@ -18,22 +19,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from hpmkd.config_schema import convert, from_dict, join, replace_path, set_path, to_dict
 from hpmkd.models.ref import ModelRef
 from hpmkd.registry import ConfigError, Registry, did_you_mean
+from hpmkd.safe_yaml import MAX_BYTES, load_yaml
 
 
 def positive(path: str, **values: float) -> None:
     for key, value in values.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{join(path, key)}: must be > 0, got {value}.")
+
+
+def non_negative(path: str, **values: float) -> None:
+    for key, value in values.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"{join(path, key)}: must be >= 0, got {value}.")
+
+
+#: what a name that becomes part of file names, MLflow keys and stage names may hold (teacher names)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -57,6 +69,21 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{join(path, 'val_fraction')}: must be between 0 and 1 (exclusive), got {self.val_fraction}.")
         positive(path, max_train=self.max_train, max_val=self.max_val, max_test=self.max_test)
+        if self.root is not None:
+            self.check_root(join(path, "root"))
+
+    def check_root(self, path: str) -> None:
+        """A given ``root`` is where the data are, and only there (no fallback to ``$HPMKD_DATA`` or the system
+        folder): it must name an existing folder, unless ``download`` will create it. It is made absolute, since
+        Ray Train workers run in other working folders."""
+        if not self.root.strip():
+            raise ConfigError(f"{path}: empty. Remove the key (or set it to null) to search $HPMKD_DATA and the "
+                              f"system folder, or give the folder that holds the data set.")
+        folder = Path(self.root).expanduser().resolve()
+        if not self.download and not folder.is_dir():
+            raise ConfigError(f"{path}: folder {self.root!r} does not exist ({folder}). Give the folder that holds "
+                              f"the data set, set data.download: true to fetch it there, or remove data.root.")
+        self.root = str(folder)
 
     def loader_kwargs(self, seed: int) -> dict[str, Any]:
         """Keyword arguments for :func:`hpmkd.data.load_dataset`."""
@@ -95,9 +122,11 @@ class TrainConfig:
     warmup_epochs: int = 0
 
     def check(self, path: str) -> None:
-        positive(path, epochs=self.epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size, lr=self.lr)
-        if self.weight_decay < 0:
-            raise ConfigError(f"{join(path, 'weight_decay')}: must be >= 0, got {self.weight_decay}.")
+        positive(path, epochs=self.epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size, lr=self.lr,
+                 lr_gamma=self.lr_gamma)
+        non_negative(path, weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{join(path, 'momentum')}: must be in [0, 1), got {self.momentum}.")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ConfigError(f"{join(path, 'lr_milestones')}: fractions of training in (0, 1), got {self.lr_milestones}.")
 
@@ -175,17 +204,18 @@ class DistillConfig:
     cache_top_k: int | None = None
 
     def check(self, path: str) -> None:
-        if self.ce_weight < 0:
-            raise ConfigError(f"{join(path, 'ce_weight')}: must be >= 0, got {self.ce_weight}.")
-        if not self.methods and self.ce_weight == 0:
-            raise ConfigError(f"{join(path, 'methods')}: no loss at all (no methods and ce_weight 0).")
+        non_negative(path, ce_weight=self.ce_weight)
         for name, options in self.methods.items():
             if not isinstance(options, dict) or "weight" not in options:
                 raise ConfigError(
                     f"{join(path, 'methods')}.{name}: every method needs an explicit weight, e.g. "
                     f"methods: {{{name}: {{weight: 1.0}}}}."
                 )
-            convert(float, options["weight"], f"{path}.methods.{name}.weight")
+            weight = convert(float, options["weight"], f"{path}.methods.{name}.weight")
+            non_negative(f"{path}.methods.{name}", weight=weight)
+        if self.ce_weight == 0 and all(float(o["weight"]) == 0 for o in self.methods.values()):
+            raise ConfigError(f"{join(path, 'methods')}: every loss weight is 0 (ce_weight and each method's weight), "
+                              f"so nothing would be learned; give at least one a positive weight, e.g. ce_weight: 0.1.")
         if "name" not in self.aggregator:
             raise ConfigError(f"{join(path, 'aggregator')}: needs a name, e.g. aggregator: {{name: mean_logits}}.")
         if "schedule" not in self.temperature:
@@ -208,13 +238,16 @@ class DistillConfig:
 
 @dataclass
 class RayConfig:
-    """Where and how stages run. ``address: null`` starts a local Ray (or joins ``$RAY_ADDRESS`` when set).
+    """Where and how stages run. ``address: null`` starts a local Ray (or joins ``$RAY_ADDRESS`` when set), whose
+    every port listens on ``bind_host`` only (default 127.0.0.1: this machine; see
+    :mod:`hpmkd.components.ray_runtime`).
 
     Teacher actors: ``teacher_replicas`` identical actors per teacher (requests go to them in turn), each with
     ``teacher_cpus`` CPUs and ``teacher_gpus`` GPUs (a fraction below 1 lets several teachers share one GPU).
     """
 
     address: str | None = None
+    bind_host: str = "127.0.0.1"
     num_cpus: int | None = None
     num_workers: int = 1
     use_gpu: bool = False
@@ -229,7 +262,14 @@ class RayConfig:
 
     def check(self, path: str) -> None:
         positive(path, num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
-                 teacher_replicas=self.teacher_replicas)
+                 teacher_replicas=self.teacher_replicas, num_cpus=self.num_cpus)
+        non_negative(path, teacher_cpus=self.teacher_cpus)
+        if self.bind_host != "localhost":
+            try:
+                ipaddress.ip_address(self.bind_host)
+            except ValueError:
+                raise ConfigError(f"{join(path, 'bind_host')}: {self.bind_host!r} is not an IP address; give "
+                                  f"127.0.0.1 (this machine only, the default) or this machine's address.") from None
         if self.teacher_gpus < 0 or (self.teacher_gpus > 1 and not float(self.teacher_gpus).is_integer()):
             raise ConfigError(f"{join(path, 'teacher_gpus')}: GPUs per teacher actor must be a fraction in [0, 1] or a "
                               f"whole number (Ray's rule), got {self.teacher_gpus}; e.g. 0.25 puts 4 teachers on a GPU.")
@@ -318,8 +358,21 @@ class ExperimentConfig:
         raise AttributeError(f"{type(self).__name__} has no attribute or section {name!r}")
 
     def check(self, path: str) -> None:
+        if not self.experiment.strip() or not self.experiment.isprintable():
+            raise ConfigError(f"experiment: {self.experiment!r} is not a usable name; give a non-empty name without "
+                              f"control characters, e.g. experiment: fashion-mnist-kd.")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}.")
+        for key in ("output_dir", "cache_dir"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise ConfigError(f"{key}: empty; give a folder (or remove the key for the default).")
         if not self.teachers:
             raise ConfigError("teachers: at least one teacher is needed.")
+        for i, teacher in enumerate(self.teachers):
+            if not NAME_PATTERN.match(teacher.name):
+                raise ConfigError(f"teachers.{i}.name: {teacher.name!r}; a teacher's name names stages, files and "
+                                  f"MLflow keys: use letters, digits, '_', '.' and '-' (at most 64, starting with a "
+                                  f"letter or digit), e.g. cnn_teacher.")
         if self.distill.teacher_outputs == "cache" and self.data.augment != "none":
             raise ConfigError(
                 f"distill.teacher_outputs: 'cache' serves logits of one fixed view, but data.augment is "
@@ -386,24 +439,29 @@ def merged_train(base: TrainConfig, overrides: dict[str, Any], path: str) -> Tra
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=0.5"`` -> ``("a.b", 0.5)``; the value is parsed as YAML (``[1, 2]``, ``null``, ``true``)."""
+    """``"a.b=0.5"`` -> ``("a.b", 0.5)``; the value is parsed as YAML (``[1, 2]``, ``null``, ``true``, ``1e-3``)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set distill.temperature.T=2.")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: the key path before '=' is empty, e.g. --set train.lr=0.01.")
+    return key.strip(), load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment YAML. Raises :class:`ConfigError` or ``FileNotFoundError``."""
+    """Read (:func:`hpmkd.safe_yaml.load_yaml`: safe, no duplicate keys, bounded), override and validate an
+    experiment YAML. Raises :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist. The shipped configs are in conf/ (e.g. conf/default.yaml).")
-    with path.open() as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return config_from_data(data or {}, overrides)
+    if path.stat().st_size > MAX_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_BYTES} a config may have; a "
+                          f"config is a few kilobytes of YAML.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8); give a YAML config.") from None
+    return config_from_data(load_yaml(text, str(path)) or {}, overrides)
 
 
 def load_plugins() -> None:

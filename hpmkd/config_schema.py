@@ -2,13 +2,14 @@
 
 :func:`from_dict` walks a dataclass's fields: an unknown key, a value of the wrong type or a missing required key raises
 :class:`~hpmkd.registry.ConfigError` naming the full key path (``teachers.1.train.lr``), what was given and what is
-allowed. Supported field types: ``bool``, ``int``, ``float`` (ints accepted), ``str``, ``Literal[...]``, ``X | None``,
-``list[X]``, ``dict[str, Any]`` and nested dataclasses.
+allowed. Supported field types: ``bool``, ``int``, ``float`` (ints accepted; NaN and infinities refused), ``str``,
+``Literal[...]``, ``X | None``, ``list[X]``, ``dict[str, Any]`` and nested dataclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -97,7 +98,12 @@ def convert(tp: Any, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}: must be a finite number, got {value}.")
             return float(value)
+        if isinstance(value, str) and is_number(value):
+            raise ConfigError(f"{path}: expected float, got the string {value!r}; write it without quotes "
+                              f"({value.strip()} is a number).")
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -107,6 +113,14 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{path}: expected {describe(tp)}, got {type(value).__name__} {value!r}.")
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def to_dict(obj: Any) -> Any:

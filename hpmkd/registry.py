@@ -9,8 +9,12 @@ expensive work starts, so a typo such as ``temprature`` is reported with its key
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
-from typing import Any, Callable, Generic, Iterable, TypeVar
+import math
+import types
+import typing
+from typing import Any, Callable, Generic, Iterable, Literal, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -76,22 +80,28 @@ class Registry(Generic[T]):
             ) from None
 
     def check_options(self, name: str, options: dict[str, Any], path: str = "") -> None:
-        """Raise :class:`ConfigError` if ``options`` has a key the factory does not accept.
+        """Raise :class:`ConfigError` if ``options`` has a key the factory does not accept, a value of another type
+        than the factory's annotation of that keyword says (``bool``, ``int``, ``float``, ``str``, ``Literal``,
+        optional and list forms of them; other annotations are not checked here), or a NaN or infinite number.
 
         The registry's :attr:`context` (keyword arguments hpmkd itself supplies, for instance ``num_teachers``) may not
         be set by the user and is not listed as allowed.
         """
+        from hpmkd.config_schema import convert  # config_schema imports this module
+
         factory = self.get(name, path)
         allowed = user_options(factory, self.context)
-        if allowed is None:  # factory takes **kwargs: anything goes
-            return
-        for key in options:
-            if key not in allowed:
-                where = f"{path}.{key}" if path else key
+        annotated = option_types(factory)
+        for key, value in options.items():
+            where = f"{path}.{key}" if path else key
+            if allowed is not None and key not in allowed:  # None: the factory takes **kwargs, anything goes
                 raise ConfigError(
                     f"{where}: unknown option for {self.kind} {name!r}.{did_you_mean(key, allowed)} "
                     f"Allowed: {', '.join(sorted(allowed)) or '(none)'}."
                 )
+            check_finite(value, where)
+            if key in annotated:
+                convert(annotated[key], value, where)
 
     def build(self, name: str, options: dict[str, Any] | None = None, path: str = "", **context: Any) -> T:
         """Check ``options`` and call the factory with ``context`` and ``options`` as keyword arguments."""
@@ -131,3 +141,48 @@ def user_options(factory: Callable[..., Any], context: Iterable[str]) -> set[str
         if target is object.__init__ or not inspect.isclass(factory):
             return None
     return None
+
+
+def init_targets(factory: Callable[..., Any]) -> list[Callable[..., Any]]:
+    """The callables whose keywords a factory accepts: a class's ``__init__`` methods along its MRO, the function
+    inside a :func:`functools.partial`, or the function itself."""
+    if inspect.isclass(factory):
+        return [c.__init__ for c in factory.__mro__ if "__init__" in vars(c) and c is not object]
+    if isinstance(factory, functools.partial):
+        return [factory.func]
+    return [factory]
+
+
+def option_types(factory: Callable[..., Any]) -> dict[str, Any]:
+    """Keyword name -> its annotation, for the annotations :func:`checkable` can check against a YAML value."""
+    found: dict[str, Any] = {}
+    for target in reversed(init_targets(factory)):
+        try:
+            hints = typing.get_type_hints(target)
+        except Exception:  # an annotation that does not resolve here: not checked
+            continue
+        found.update({k: v for k, v in hints.items() if k != "return" and checkable(v)})
+    return found
+
+
+def checkable(tp: Any) -> bool:
+    """Whether ``tp`` is made only of ``bool``/``int``/``float``/``str``/``None``, ``Literal``, unions and lists."""
+    origin = typing.get_origin(tp)
+    if tp in (bool, int, float, str, type(None)) or origin is Literal:
+        return True
+    if origin in (Union, types.UnionType, list):
+        return all(checkable(a) for a in typing.get_args(tp))
+    return False
+
+
+def check_finite(value: Any, path: str) -> None:
+    """Refuse NaN and infinite numbers anywhere in an option's value (a NaN temperature or weight fails training
+    steps later, not here)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}.")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, f"{path}.{i}")

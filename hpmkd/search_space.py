@@ -31,6 +31,7 @@ published default for the configured optimiser, because the paper's range is for
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -42,6 +43,7 @@ from hpmkd.config_schema import join
 from hpmkd.registry import ConfigError, did_you_mean
 
 SECTION = "config_manager"
+log = logging.getLogger("hpmkd")
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,13 @@ class Hyperparameter:
     log: bool
     source: str
     published: Callable[[Any], float]
-    bounds: Callable[[Any], tuple[float, float]]
+    #: the default range for an experiment; ``None``: the hyperparameter has no valid value in this recipe
+    bounds: Callable[[Any], tuple[float, float] | None]
     read: Callable[[Any, str | None], float | None]
     overrides: Callable[[float, str | None], dict[str, Any]]
     searchable: bool = True
+    #: the default range before the recipe's limits (said when :attr:`bounds` narrows it); ``None``: never narrowed
+    nominal: tuple[float, float] | None = None
 
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {}
@@ -86,10 +91,31 @@ def kd_share_read(cfg: Any, method: str | None) -> float | None:
     return float(cfg.distill.methods[method]["weight"]) / total if total > 0 else None
 
 
+#: T's default range (our choice: the paper's [2, 8] widened down to 1), before the schedule's own limits
+T_RANGE = (1.0, 8.0)
+
+
+def temperature_bounds(cfg: Any) -> tuple[float, float] | None:
+    """:data:`T_RANGE` within the initial temperatures the recipe's schedule accepts (``meta``: strictly inside its
+    ``(T_min, T_max)``; ``loss_based``, ``convergence``: ``[T_min, T_max]``); ``None`` for a schedule without an
+    initial ``T`` (``linear``, ``cosine``) or when nothing of the range is left."""
+    from hpmkd.temperature import SCHEDULES
+
+    choice = cfg.distill.temperature_choice()
+    if choice.name not in SCHEDULES:
+        return None
+    admissible = SCHEDULES.get(choice.name).initial_range(**choice.options)
+    if admissible is None:
+        return None
+    low, high = max(T_RANGE[0], admissible[0]), min(T_RANGE[1], admissible[1])
+    return (low, high) if low < high else None
+
+
 register(Hyperparameter(
     "T", False, "Hinton et al. 2015; mdistiller / RepDistiller CIFAR configs (T = 4)",
     published=lambda cfg: 4.0,
-    bounds=lambda cfg: (1.0, 8.0),
+    bounds=temperature_bounds,
+    nominal=T_RANGE,
     read=lambda cfg, _: cfg.distill.temperature.get("T"),
     overrides=lambda v, _: {"distill.temperature.T": v},
 ))
@@ -244,7 +270,10 @@ class ConfigManagerConfig:
         here, before Ray starts)."""
         if not self.enabled:
             return
-        for dim in build_space(cfg).dims:
+        space = build_space(cfg)
+        for note in space.notes:
+            log.warning("%s", note)
+        for dim in space.dims:
             for value in (dim.low, dim.high):
                 try:
                     check_recipe(cfg.with_overrides(dim.overrides(value)).recipe(), "distill")
@@ -292,6 +321,8 @@ class SearchSpace:
     """The resolved ``config_manager.search_space`` of one experiment."""
 
     dims: tuple[Dimension, ...]
+    #: what resolving the space changed from the entries as written (a default range narrowed to the recipe's)
+    notes: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -330,15 +361,26 @@ def kd_method(cfg: Any, method: str | None, path: str) -> str:
 
 
 def build_space(cfg: Any) -> SearchSpace:
-    """Resolve ``cfg.config_manager.search_space`` against ``cfg``; :class:`ConfigError` names the bad entry."""
-    dims = []
+    """Resolve ``cfg.config_manager.search_space`` against ``cfg``; :class:`ConfigError` names the bad entry.
+
+    An end the entry does not give comes from the hyperparameter's default range for this recipe (``T``: within
+    what the temperature schedule accepts, which :attr:`SearchSpace.notes` says when it narrows the range); a
+    hyperparameter the recipe gives no default range (``T`` of a schedule without an initial ``T``) needs both."""
+    dims, notes = [], []
     for name, entry in cfg.config_manager.search_space.items():
         path = f"{SECTION}.search_space.{name}"
         hp = hyperparameter(name, f"{SECTION}.search_space")
         low, high = entry.low, entry.high
         if low is None or high is None:
-            default_low, default_high = hp.bounds(cfg)
-            low, high = default_low if low is None else low, default_high if high is None else high
+            ranged = hp.bounds(cfg)
+            if ranged is None:
+                raise ConfigError(f"{path}: the recipe ({describe_recipe(cfg)}) leaves {name} no default range to "
+                                  f"search; remove {name} from config_manager.search_space (it is in the default "
+                                  f"search space, so write the search space without it), or give low and high.")
+            if hp.nominal is not None and ranged != hp.nominal:
+                notes.append(f"{path}: default range {list(hp.nominal)} narrowed to [{ranged[0]:g}, {ranged[1]:g}] "
+                             f"by the recipe ({describe_recipe(cfg)}).")
+            low, high = ranged[0] if low is None else low, ranged[1] if high is None else high
         log = hp.log if entry.log is None else entry.log
         if not low < high:
             raise ConfigError(f"{path}: low must be below high, got [{low}, {high}].")
@@ -348,7 +390,12 @@ def build_space(cfg: Any) -> SearchSpace:
         published = hp.published(cfg)
         default = (low + high) / 2 if published is None else min(max(published, low), high)
         dims.append(Dimension(hp, float(low), float(high), log, float(default), method))
-    return SearchSpace(tuple(dims))
+    return SearchSpace(tuple(dims), tuple(notes))
+
+
+def describe_recipe(cfg: Any) -> str:
+    choice = cfg.distill.temperature_choice()
+    return f"temperature schedule {choice.name} with {choice.options or 'its defaults'}"
 
 
 def recorded_config(cfg: Any) -> dict[str, float]:

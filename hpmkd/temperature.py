@@ -16,6 +16,7 @@ schedule as ``T(t) = T_min + (T_max − T_min) · s(t)`` with ``s ∈ [0, 1]``, 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ class TemperatureSchedule(nn.Module, ABC):
     def value(self) -> float:
         """This step's temperature as a float (for logging)."""
         return float(self.current().detach())
+
+    @classmethod
+    def initial_range(cls, **options: Any) -> tuple[float, float] | None:
+        """The closed interval of initial temperatures (option ``T``) the schedule accepts with its other
+        ``options``; ``None`` when it takes no ``T`` (what a search over ``T`` may propose)."""
+        return None
 
 
 SCHEDULES: Registry[TemperatureSchedule] = Registry("temperature schedule")
@@ -111,6 +118,23 @@ class RangedSchedule(TemperatureSchedule):
         s = min(max(s, 0.0), 1.0)
         self.temperature.fill_(self.T_min + (self.T_max - self.T_min) * s)
 
+    @classmethod
+    def initial_range(cls, **options: Any) -> tuple[float, float] | None:
+        """``[T_min, T_max]`` for the schedules that take an initial ``T`` (``loss_based``, ``convergence``)."""
+        return bounds_option(cls, options)
+
+
+def bounds_option(schedule: type, options: dict[str, Any]) -> tuple[float, float] | None:
+    """``(T_min, T_max)`` of ``options`` (the schedule's defaults where absent); ``None`` when ``schedule`` takes no
+    initial ``T`` or the options are not numbers."""
+    params = inspect.signature(schedule.__init__).parameters
+    if "T" not in params:
+        return None
+    try:
+        return check_range(*(options.get(k, params[k].default) for k in ("T_min", "T_max")))
+    except (TypeError, ValueError):
+        return None
+
 
 @SCHEDULES.register("fixed")
 class FixedTemperature(TemperatureSchedule):
@@ -125,6 +149,10 @@ class FixedTemperature(TemperatureSchedule):
 
     def current(self) -> Tensor:
         return self.temperature.clone()
+
+    @classmethod
+    def initial_range(cls, **options: Any) -> tuple[float, float]:
+        return (0.0, math.inf)
 
 
 @SCHEDULES.register("linear")
@@ -288,6 +316,15 @@ class MetaTemperature(TemperatureSchedule):
         if self._optimizer is None:
             self._optimizer = self.optimizer_class([self.rho], lr=self.meta_lr)
         return self._optimizer
+
+    @classmethod
+    def initial_range(cls, **options: Any) -> tuple[float, float] | None:
+        """Inside ``(T_min, T_max)``, which the sigmoid never reaches: 0.1 % of the range in from each end."""
+        ends = bounds_option(cls, options)
+        if ends is None:
+            return None
+        margin = 1e-3 * (ends[1] - ends[0])
+        return ends[0] + margin, ends[1] - margin
 
     def current(self) -> Tensor:
         """``T_min + (T_max − T_min) · sigmoid(ρ)``; differentiable with respect to ``ρ``."""
