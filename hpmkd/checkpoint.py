@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,28 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+class CheckpointError(ValueError):
+    """A file is not a checkpoint hpmkd can read safely; the message names the file and what to give instead."""
+
+
 def load(path: str | os.PathLike) -> Any:
-    """Load a checkpoint safely (tensors and plain containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint safely (tensors and plain containers only). A file that is not one (text, YAML, empty,
+    truncated) or that holds other objects (which ``weights_only`` refuses: unpickling them could run code) raises
+    :class:`CheckpointError` naming it; torch's own advice to load it with ``weights_only=False`` is not repeated."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = ("it holds objects other than tensors and plain containers, and loading them could run code"
+                  if "Weights only load failed" in str(err) else f"it is not a PyTorch checkpoint ({first_line(err)})")
+    except (EOFError, RuntimeError, KeyError, IndexError, ValueError, UnicodeDecodeError) as err:
+        reason = f"it is empty, truncated or not a PyTorch checkpoint ({type(err).__name__}: {first_line(err)})"
+    raise CheckpointError(f"{path}: cannot be read as a checkpoint: {reason}. Give a model.pt or state.pt written by "
+                          f"hpmkd (or torch.save of a state dict).")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no message"
 
 
 def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

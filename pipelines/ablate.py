@@ -34,6 +34,7 @@ from hpmkd.config import ExperimentConfig, load_config
 from hpmkd.config_schema import flatten
 from hpmkd.registry import ConfigError, did_you_mean
 from hpmkd.pipelines import plan_experiment
+from hpmkd.pipelines.preflight import preflight
 from hpmkd.pipelines.runner import run_experiment
 
 log = logging.getLogger("hpmkd")
@@ -93,7 +94,8 @@ class AblationPlan:
 def plan_ablation(config: str | Path, seeds: int, components: Sequence[str] | None = None,
                   overrides: Sequence[str] = ()) -> AblationPlan:
     """The plan for seeds ``0 .. seeds-1`` and the removal of each of ``components`` (default: all six). Every
-    variant's config and stage graph is checked here, before anything runs (:class:`ConfigError`)."""
+    variant's config and stage graph is checked here, with its data (:func:`hpmkd.pipelines.preflight.preflight`),
+    before anything runs (:class:`ConfigError`)."""
     if seeds < 1:
         raise ConfigError(f"--seeds: at least 1 seed is needed, got {seeds}.")
     base = load_config(config, list(overrides))
@@ -104,9 +106,10 @@ def plan_ablation(config: str | Path, seeds: int, components: Sequence[str] | No
                           f"its removal would be the full pipeline; set it true or leave it out of --components.")
     plan = AblationPlan(str(config), tuple(overrides), base, tuple(chosen), tuple(range(seeds)), ablation_id(base))
     full = effective_config(plan.config_for(chosen[0], 0)).as_dict()
+    splits = None
     for variant in chosen:
         cfg = plan.config_for(variant, 0)
-        plan_experiment(cfg)
+        splits = preflight(plan_experiment(cfg), splits)  # the data are loaded once, every variant's models checked
         if variant.component is not None and same_but_switches(effective_config(cfg).as_dict(), full):
             log.warning("ablation: %s changes nothing in this config (pipeline %s): its runs repeat the full "
                         "pipeline's (every stage reused)", variant.name, cfg.pipeline)

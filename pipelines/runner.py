@@ -1,7 +1,8 @@
 """Run one experiment end to end: validate, plan the stage graph, run it on Ray, record it in MLflow, summarise.
 
-Everything that can be checked without Ray is checked first (config, data present, teacher checkpoints fit their
-models), so bad input fails in seconds and records nothing half-done. The experiment gets one parent MLflow run;
+Everything that can be checked without Ray is checked first (the config, then :func:`hpmkd.pipelines.preflight
+.preflight`: data and labels, every model and objective built on the meta device, teacher checkpoints), so bad
+input fails in seconds and records nothing half-done. The experiment gets one parent MLflow run;
 every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked FAILED, the
 stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
 ``RUNNING`` by an earlier driver that died are marked ``KILLED`` first (:mod:`hpmkd.components.orphans`).
@@ -23,10 +24,10 @@ from hpmkd.components.scheduler import run_graph
 from hpmkd.components.stages import ExperimentContext, execute
 from hpmkd.components.tracking import Tracker, default_tracking_uri
 from hpmkd.config import ExperimentConfig
-from hpmkd.data import load_dataset
+from hpmkd.paths import inside, safe_name
 from hpmkd.pipelines import plan_experiment
+from hpmkd.pipelines.preflight import preflight
 from hpmkd.pipelines.summary import summarise
-from hpmkd.teachers import TeacherSpec, load_teacher
 
 log = logging.getLogger("hpmkd")
 
@@ -37,18 +38,6 @@ class ExperimentFailedError(RuntimeError):
     def __init__(self, message: str, summary: dict[str, Any]):
         super().__init__(message)
         self.summary = summary
-
-
-def preflight(cfg: ExperimentConfig):
-    """Checks that need data or files but not Ray: the data set loads, and given checkpoints fit their models."""
-    splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
-    for i, teacher in enumerate(cfg.teachers):
-        if teacher.checkpoint:
-            try:
-                load_teacher(TeacherSpec(teacher.name, teacher.ref, splits.shape), teacher.checkpoint)
-            except ValueError as err:
-                raise ValueError(f"teachers.{i}.checkpoint: {err}") from err
-    return splits
 
 
 def run_experiment(
@@ -66,13 +55,13 @@ def run_experiment(
     began = time.perf_counter()
     plan = plan_experiment(cfg)
     cfg, stages = plan.cfg, plan.stages
-    splits = preflight(cfg)
+    splits = preflight(plan)
     tracking_uri = tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, cfg.experiment, cfg.mlflow.artifact_root)
     orphans.sweep(tracker.client, tracker.experiment_id)
     out_root = Path(cfg.output_dir).resolve()
     storage_path = cfg.ray.storage_path or str(out_root / "ray")
-    resources = ensure_ray(cfg.ray.address, cfg.ray.num_cpus, tracking_uri,
+    resources = ensure_ray(cfg.ray.address, cfg.ray.num_cpus, tracking_uri, cfg.ray.bind_host,
                            **{"log_to_driver": cfg.ray.log_to_driver, **(ray_init or {})})
     log.info("experiment %r, pipeline %s: %d stages; MLflow %s", cfg.experiment, cfg.pipeline, len(stages), tracking_uri)
 
@@ -83,7 +72,8 @@ def run_experiment(
     ) as parent, orphans.heartbeat(tracker.client, parent):
         tracker.log_params(parent, cfg.as_dict())
         tracker.log_text(parent, yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
-        ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_root / cfg.experiment / parent)
+        out_dir = inside(out_root, safe_name(cfg.experiment), parent)
+        ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_dir)
         results, error = run_graph(stages, lambda s, inputs: execute(s, ctx, inputs), resources.get("CPU", 1.0), cfg.ray.parallel)
         summary = summarise(cfg, stages, results, parent, tracking_uri, time.perf_counter() - began)
         tracker.log_metrics(parent, {k: summary[k] for k in ("retention", "compression", "wall_s") if summary.get(k) is not None})

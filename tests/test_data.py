@@ -151,26 +151,37 @@ def test_fashion_mnist_found_under_hpmkd_data_subfolder(tmp_path, monkeypatch, n
 def test_fashion_mnist_missing_lists_folders_and_fixes(tmp_path, monkeypatch, no_system_fmnist):
     monkeypatch.setenv("HPMKD_DATA", str(tmp_path / "env"))
     with pytest.raises(DatasetNotFoundError) as info:
-        load_dataset("fashion_mnist", root=str(tmp_path / "mine"))
+        load_dataset("fashion_mnist")
     assert isinstance(info.value, FileNotFoundError)
     text = str(info.value)
-    for folder in [
-        tmp_path / "mine",
-        tmp_path / "mine" / "fashion-mnist",
-        tmp_path / "env",
-        tmp_path / "env" / "fashion-mnist",
-        tmp_path / "no-system-copy",
-    ]:
-        assert f"- {folder}\n" in text
+    assert "\n" not in text  # one line: the CLI prints it as `hpmkd: error: ...`
+    searched = text.split("searched $HPMKD_DATA and the system folder: ")[1].split(". Fix: ")[0].split(", ")
+    assert searched == [str(tmp_path / "env"), str(tmp_path / "env" / "fashion-mnist"),
+                        str(tmp_path / "env" / "FashionMNIST" / "raw"), str(tmp_path / "no-system-copy")]
     assert "sudo apt-get install dataset-fashion-mnist" in text
     assert "HPMKD_DATA" in text and "data.root" in text and "data.download: true" in text
     assert "train-images-idx3-ubyte[.gz]" in text
 
 
+def test_a_given_data_root_is_the_only_place_searched(tmp_path, monkeypatch, no_system_fmnist):
+    """No silent fallback: with data.root given, neither $HPMKD_DATA nor the system folder is used, even when they
+    hold the data."""
+    write_fake_fashion(tmp_path / "env", gz=False)
+    monkeypatch.setenv("HPMKD_DATA", str(tmp_path / "env"))
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion_mnist", root=str(tmp_path / "mine"))
+    text = str(info.value)
+    assert f"searched data.root {str(tmp_path / 'mine')!r}: {tmp_path / 'mine'}, " in text
+    assert str(tmp_path / "env") not in text and "no-system-copy" not in text
+    assert "point data.root at the folder that holds the four files" in text
+    assert load_dataset("fashion_mnist").source == str(tmp_path / "env")  # without data.root it is found
+
+
 def test_fashion_mnist_incomplete_folder_is_not_used(tmp_path, no_system_fmnist):
     write_fake_fashion(tmp_path / "fm")
     (tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DatasetNotFoundError, match="Searched"):
+    with pytest.raises(DatasetNotFoundError, match="searched data.root"):
         load_dataset("fashion_mnist", root=str(tmp_path / "fm"))
 
 

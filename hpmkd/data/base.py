@@ -99,9 +99,17 @@ class RawData:
 
 
 def search_dirs(root: str | None, *subdirs: str, system: str | None = None) -> list[Path]:
-    """Folders to look in: ``root`` and ``root/<subdir>``, the same under ``$HPMKD_DATA``, then ``system``."""
-    bases = [b for b in (root, os.environ.get(DATA_ENV)) if b]
+    """Folders to look in: ``root`` and ``root/<subdir>`` when ``data.root`` is given, and nothing else (a given
+    root that lacks the data is an error, never a silent switch to another copy); otherwise the same under
+    ``$HPMKD_DATA``, then ``system``."""
+    bases = [root] if root is not None else [b for b in (os.environ.get(DATA_ENV),) if b]
     dirs = [Path(b).expanduser() / s for b in bases for s in ("", *subdirs)]
-    if system:
+    if system and root is None:
         dirs.append(Path(system))
     return list(dict.fromkeys(dirs))
+
+
+def where_searched(root: str | None, dirs: list[Path]) -> str:
+    """One line saying where a data set was looked for (for not-found messages)."""
+    given = f"data.root {root!r}" if root is not None else f"${DATA_ENV} and the system folder"
+    return f"searched {given}: {', '.join(str(d) for d in dirs) or '(no folder: neither is set)'}"

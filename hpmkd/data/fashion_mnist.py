@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpmkd.data.base import DATA_ENV, DATASETS, DatasetNotFoundError, RawData, search_dirs
+from hpmkd.data.base import DATA_ENV, DATASETS, DatasetNotFoundError, RawData, search_dirs, where_searched
 from hpmkd.data.idx import read_idx
 
 SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -56,16 +56,15 @@ def download_files(root: str | None) -> None:
         FashionMNIST(target, train=train, download=True)
 
 
-def not_found(dirs: list[Path]) -> DatasetNotFoundError:
-    listed = "\n".join(f"  - {d}" for d in dirs)
+def not_found(root: str | None, dirs: list[Path]) -> DatasetNotFoundError:
     stems = ", ".join(f"{s}[.gz]" for s in FILES.values())
-    return DatasetNotFoundError(
-        f"fashion_mnist: the Fashion-MNIST IDX files ({stems}) were not found. Searched:\n{listed}\n"
-        "Fix it with one of:\n"
-        "  1. sudo apt-get install dataset-fashion-mnist   (installs them in /usr/share/datasets/fashion-mnist)\n"
-        f"  2. set ${DATA_ENV} or data.root to the folder that holds the four files\n"
-        "  3. set data.download: true (with data.root) where the internet is reachable"
-    )
+    fixes = ("point data.root at the folder that holds the four files, or set data.download: true to fetch them there"
+             if root is not None else
+             f"install them (sudo apt-get install dataset-fashion-mnist puts them in {SYSTEM_DIR}), set ${DATA_ENV} "
+             "or data.root to the folder that holds the four files, or set data.download: true with data.root "
+             "where the internet is reachable")
+    return DatasetNotFoundError(f"fashion_mnist: the Fashion-MNIST IDX files ({stems}) were not found; "
+                                f"{where_searched(root, dirs)}. Fix: {fixes}.")
 
 
 @DATASETS.register("fashion_mnist")
@@ -76,7 +75,7 @@ def fashion_mnist(root: str | None = None, download: bool = False) -> RawData:
         download_files(root)
         found = find_folder(dirs)
     if found is None:
-        raise not_found(dirs)
+        raise not_found(root, dirs)
     folder, paths = found
     arrays = {key: read_idx(path) for key, path in paths.items()}
     check_shapes(arrays, folder)

@@ -33,7 +33,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     data = path.read_bytes()
     if data[:2] == GZIP_MAGIC:
-        data = zlib.decompress(data, wbits=16 + zlib.MAX_WBITS)
+        try:
+            data = zlib.decompress(data, wbits=16 + zlib.MAX_WBITS)
+        except zlib.error as err:
+            raise IdxFormatError(f"{path}: the gzip stream is truncated or corrupt ({err}); the file is damaged "
+                                 "(download it again).") from None
     return parse_idx(data, str(path))
 
 

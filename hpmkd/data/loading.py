@@ -42,6 +42,7 @@ def load_dataset(
     """
     check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
     raw = read_raw(name, root, download, options)
+    check_labels(name, raw)
     idx = split_indices(
         raw.train_y,
         raw.test_y,
@@ -103,6 +104,32 @@ def data_shape(name: str, root: str | None = None, download: bool = False,
 def cached_shape(name: str, root: str | None, download: bool, options: str) -> tuple[int, tuple[int, ...]]:
     raw = read_raw(name, root, download, json.loads(options))
     return len(raw.class_names), tuple(int(d) for d in raw.to_model(raw.train_x[:1]).shape[1:])
+
+
+class LabelError(ValueError):
+    """A data set's labels are not class indices ``0 .. num_classes - 1``."""
+
+
+def check_labels(name: str, raw: RawData) -> None:
+    """Every label is an integer class index in ``[0, len(class_names))``: a label outside it would index past the
+    logits (or silently train a class that has no name), so it fails here, before any stage starts."""
+    classes = len(raw.class_names)
+    if classes < 2:
+        raise LabelError(f"data.name {name!r}: {classes} class name(s) ({raw.source}); classification needs at "
+                         f"least 2.")
+    for part, y in (("training", raw.train_y), ("test", raw.test_y)):
+        if y is None:
+            continue
+        y = np.asarray(y)
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+            raise LabelError(f"data.name {name!r}: the {part} labels must be one integer class index per sample, got "
+                             f"{y.dtype} of shape {y.shape} ({raw.source}).")
+        bad = (y < 0) | (y >= classes)
+        if bad.any():
+            values = ", ".join(str(v) for v in np.unique(y[bad])[:5])
+            raise LabelError(f"data.name {name!r}: {int(bad.sum())} {part} label(s) outside [0, {classes}) "
+                             f"(values {values}) in {raw.source}; labels must be class indices 0..{classes - 1} "
+                             f"matching the {classes} class names. Fix the labels or the data set's class list.")
 
 
 def check_arguments(val_fraction: float, **limits: int | None) -> None:
