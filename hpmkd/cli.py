@@ -11,6 +11,11 @@
     hpmkd ablate CONFIG --seeds N [--components NAME ...] [--output DIR] [--tracking-uri URI] [--set ...]
 
 Ray and MLflow are imported only by the commands that need them, so ``validate`` answers in about a second.
+
+Every failure the user can fix (a bad config, option, file, path, store or data set) ends the same way: one line
+``hpmkd: error: <what, where, how to fix>`` on stderr and exit code 2, like argparse's own usage errors, with no
+traceback; ``--debug`` (before or after the command) prints the traceback too. A stage that fails while running is
+reported with the summary of what finished and exit code 1.
 """
 
 from __future__ import annotations
@@ -20,44 +25,67 @@ import logging
 import os
 import signal
 import sys
+import traceback
 
 from hpmkd.registry import ConfigError
 
 DEFAULT_CACHE_DIR = "hpmkd_runs/logit_cache"
 
 
+#: what a user-caused failure raises: config and option errors (``ConfigError`` is a ``ValueError``), malformed
+#: files and values (``ValueError``), missing or unreadable files and folders, and stores or clusters that cannot be
+#: reached (``OSError``: ``FileNotFoundError``, ``PermissionError``, ``ConnectionError``)
+USER_ERRORS = (ConfigError, ValueError, OSError)
+
+
+def port(text: str) -> int:
+    """A TCP port number (argparse type)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand; every one also takes ``--debug`` (after the command name as well as before it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    return sub.add_parser(name, parents=[common], **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpmkd", description="Multi-teacher, multi-stage knowledge distillation on Ray + MLflow.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run an experiment")
+    run = command(sub, "run", help="run an experiment")
     run.add_argument("config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config key (repeatable), e.g. --set distill.temperature.T=2")
     run.add_argument("--output", help="write the results as JSON to this file")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
 
-    val = sub.add_parser("validate", help="check a config without running anything")
+    val = command(sub, "validate", help="check a config without running anything")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    ui = sub.add_parser("ui", help="open the MLflow UI on the experiment records")
+    ui = command(sub, "ui", help="open the MLflow UI on the experiment records")
     ui.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=port, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
 
-    sub.add_parser("models", help="list the model names create_model knows")
+    command(sub, "models", help="list the model names create_model knows")
 
-    cache = sub.add_parser("cache", help="list or clear the teacher logit cache")
+    cache = command(sub, "cache", help="list or clear the teacher logit cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, text in (("list", "list the cache entries"), ("clear", "delete cache entries")):
-        c = cache_sub.add_parser(name, help=text)
+        c = command(cache_sub, name, help=text)
         c.add_argument("--dir", default=DEFAULT_CACHE_DIR, help=f"cache folder (default {DEFAULT_CACHE_DIR}, "
                        "the default of the config key cache_dir)")
         if name == "clear":
             c.add_argument("--older-than", metavar="AGE", help="only entries older than AGE: 30m, 12h, 7d (default: all)")
 
-    report = sub.add_parser("report", help="write a Markdown report with PNG plots from the MLflow records")
+    report = command(sub, "report", help="write a Markdown report with PNG plots from the MLflow records")
     report.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db")
     report.add_argument("--experiment", dest="experiments", action="extend", nargs="+", metavar="NAME",
                         help="experiments to report (default: every experiment with pipeline runs)")
@@ -65,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--log", action="store_true",
                         help="also log the report to MLflow (one run tagged kind=report per experiment)")
 
-    ablate = sub.add_parser("ablate", help="run the full pipeline and each single-component removal over seeds, "
+    ablate = command(sub, "ablate", help="run the full pipeline and each single-component removal over seeds, "
                             "then write the ablation table (docs/ablation.md)")
     ablate.add_argument("config")
     ablate.add_argument("--seeds", type=int, required=True, metavar="N", help="run seeds 0 .. N-1")
@@ -82,13 +110,24 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from hpmkd.config import load_config
+    from hpmkd.data import DatasetNotFoundError
     from hpmkd.pipelines import plan_experiment
+    from hpmkd.pipelines.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
-    stages = plan_experiment(cfg).stages
+    plan = plan_experiment(cfg)
+    stages = plan.stages
+    try:
+        preflight(plan)
+        checked = "data, models and objectives checked"
+    except DatasetNotFoundError:
+        if not cfg.data.download:
+            raise
+        checked = "data not present yet (hpmkd run downloads it), so models were checked by name only"
     teachers = ", ".join(f"{t.name}={t.model}" for t in cfg.teachers)
+    names = ", ".join(s.name for s in stages)
     print(f"OK {args.config}: experiment {cfg.experiment!r}, pipeline {cfg.pipeline}, data {cfg.data.name}, "
-          f"teachers [{teachers}], student {cfg.student.model}, {len(stages)} stages ({', '.join(s.name for s in stages)})")
+          f"teachers [{teachers}], student {cfg.student.model}, {len(stages)} stages ({names}); {checked}")
     return 0
 
 
@@ -125,12 +164,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from hpmkd.components.tracking import default_artifact_root, default_tracking_uri
+    from hpmkd.components.tracking import Tracker, default_artifact_root, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     if is_server(uri):
         print(f"{uri} is a tracking server: its UI is at that address already (open it in a browser).")
         return 0
+    Tracker.check_store(uri)  # a bad URI fails here, not in the server process it would be handed to
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port), "--workers", "1"]
     root = default_artifact_root(uri)
@@ -144,13 +184,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from hpmkd.logit_cache import clear, list_entries
 
+    if not os.path.isdir(args.dir):
+        raise ConfigError(f"--dir {args.dir}: no such folder (nothing has been cached there yet); give the folder of "
+                          f"the config key cache_dir (default {DEFAULT_CACHE_DIR}, under the folder hpmkd ran in).")
     if args.cache_command == "list":
         entries = list(list_entries(args.dir))
         for e in entries:
+            if e.key is None:
+                print(f"{e.path.stem:<24}  DAMAGED  {e.size_bytes / 2**20:8.2f} MiB  {e.problem} (the next stage that "
+                      f"needs it moves it aside and recomputes it)")
+                continue
             print(f"{e.key.digest}  {e.rows:>8} rows  {e.size_bytes / 2**20:8.2f} MiB  {e.key.dtype:<8} "
                   f"top_k={e.key.top_k}  {e.key.model.split(':')[0]:<12} data={e.key.data} split={e.key.split} view={e.key.view}"
                   + (f" taps={','.join(e.key.taps)}" if e.key.taps else ""))
-        print(f"{len(entries)} entries, {sum(e.size_bytes for e in entries) / 2**20:.2f} MiB in {args.dir}")
+        damaged = sum(e.key is None for e in entries)
+        print(f"{len(entries)} entries{f' ({damaged} damaged)' if damaged else ''}, "
+              f"{sum(e.size_bytes for e in entries) / 2**20:.2f} MiB in {args.dir}")
         return 0
     removed = clear(args.dir, parse_age(args.older_than) if args.older_than else None)
     print(f"removed {len(removed)} files from {args.dir}")
@@ -161,7 +210,7 @@ def parse_age(text: str) -> float:
     """``30m`` / ``12h`` / ``7d`` / ``90s`` -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if len(text) < 2 or text[-1] not in units or not text[:-1].replace(".", "", 1).isdigit():
-        raise ValueError(f"--older-than {text!r}: expected a number and a unit, e.g. 30m, 12h or 7d.")
+        raise ConfigError(f"--older-than {text!r}: expected a number and a unit, e.g. 30m, 12h or 7d.")
     return float(text[:-1]) * units[text[-1]]
 
 
@@ -209,14 +258,42 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "models": cm
             "report": cmd_report, "ablate": cmd_ablate}
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one the user can fix (:data:`USER_ERRORS`, or an MLflow store refusing a request)."""
+    if isinstance(err, USER_ERRORS):
+        return True
+    if "mlflow" in sys.modules:  # only a command that imported MLflow can have raised its errors
+        from mlflow.exceptions import MlflowException
+
+        return isinstance(err, MlflowException)
+    return False
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (multi-line messages joined), or its type when it has none."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[hpmkd %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"hpmkd {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"hpmkd: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("hpmkd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

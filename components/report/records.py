@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 from mlflow import MlflowClient
 
+from hpmkd.components.tracking import store_errors
+
 #: a stage's role in the report, by stage kind; kinds not listed produce distilled students
 STAGE_ROLES = {"train_teacher": "teacher", "load_teacher": "teacher", "train_student": "student alone"}
 DISTILLED = "distilled"
@@ -102,7 +104,10 @@ def open_store(tracking_uri: str) -> MlflowClient:
         path = Path(tracking_uri[len("sqlite:///"):])
         if not path.is_file():
             raise FileNotFoundError(f"no MLflow store at {tracking_uri} ({path} does not exist); pass --tracking-uri.")
-    return MlflowClient(tracking_uri)
+    with store_errors(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
 
 
 def load_experiments(client: MlflowClient, names: list[str] | None = None) -> list[ExperimentRecords]:
