@@ -4,13 +4,21 @@ The default store is a SQLite file plus an artifacts folder in the working folde
 file store). Stage runs are created with :class:`mlflow.MlflowClient` and explicit run ids, so several stages can be
 recorded at once from driver threads and per-epoch metrics can be logged from inside Ray Train workers. A stage
 that raises is marked ``FAILED`` with its error as a tag and an ``error.txt`` artifact; finished stages stay.
+
+Several drivers may share one store. A SQLite store is opened under an exclusive file lock (``<db>.lock``): the
+first opening creates the tables (MLflow's migrations are not safe to run twice at once: two first runs crashed
+with ``alembic`` errors) and switches the file to write-ahead logging (``PRAGMA journal_mode=WAL``: readers no
+longer block the writer); the experiment is created under the same lock (and, on a server, re-read when another
+client created it first). A store that cannot be opened is a :class:`~hpmkd.registry.ConfigError` naming the URI.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import sqlite3
 import threading
 import time
 import traceback
@@ -20,9 +28,11 @@ from typing import Any, Iterator
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import LifecycleStage, Metric, Param
+from mlflow.exceptions import MlflowException
 
 from hpmkd.config_schema import flatten
+from hpmkd.registry import ConfigError
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 MAX_BATCH = 100
@@ -39,6 +49,69 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for other stores and in-memory SQLite)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """An exclusive lock on a SQLite store (``<db>.lock`` beside it) while it is created or its experiment made;
+    nothing for other stores."""
+    db = sqlite_file(tracking_uri)
+    if db is None:
+        yield
+        return
+    if not db.parent.is_dir():
+        raise ConfigError(f"MLflow store {tracking_uri!r}: folder {str(db.parent)!r} does not exist; create it, or "
+                          f"give --tracking-uri / mlflow.tracking_uri a SQLite file in an existing folder.")
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def use_wal(tracking_uri: str) -> None:
+    """Switch a SQLite store to write-ahead logging (a setting kept in the file; a no-op when already on)."""
+    db = sqlite_file(tracking_uri)
+    if db is not None:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+
+
+@contextlib.contextmanager
+def store_errors(tracking_uri: str) -> Iterator[None]:
+    """A store that cannot be opened (unknown scheme, unreachable server, unreadable file) as a :class:`ConfigError`
+    naming the URI."""
+    try:
+        yield
+    except (MlflowException, sqlite3.Error) as err:
+        raise ConfigError(f"MLflow store {tracking_uri!r} cannot be opened: {' '.join(str(err).split())} Check "
+                          f"--tracking-uri / mlflow.tracking_uri (default: $MLFLOW_TRACKING_URI or "
+                          f"sqlite:///./mlflow.db).") from err
+
+
+def open_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """The id of experiment ``name``, created (with ``artifact_root``) if the store has none."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root)
+        except MlflowException as err:  # another client created it between the lookup and here
+            if err.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
+                raise
+            found = client.get_experiment_by_name(name)
+    if found.lifecycle_stage == LifecycleStage.DELETED:
+        raise ConfigError(f"experiment {name!r} was deleted in this MLflow store; restore it (mlflow experiments "
+                          f"restore --experiment-id {found.experiment_id}) or choose another experiment name.")
+    return found.experiment_id
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -70,14 +143,20 @@ class Tracker:
     artifact_root: str | None = None
 
     def __post_init__(self) -> None:
-        mlflow.set_tracking_uri(self.tracking_uri)
-        self.client = MlflowClient(self.tracking_uri)
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is None:
+        with store_lock(self.tracking_uri), store_errors(self.tracking_uri):
+            mlflow.set_tracking_uri(self.tracking_uri)
+            self.client = MlflowClient(self.tracking_uri)
             root = self.artifact_root or default_artifact_root(self.tracking_uri)
-            self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=root)
-        else:
-            self.experiment_id = found.experiment_id
+            self.experiment_id = open_experiment(self.client, self.experiment, root)
+            use_wal(self.tracking_uri)
+
+    @staticmethod
+    def check_store(tracking_uri: str) -> None:
+        """Open the store at ``tracking_uri`` once, under its lock (created if new, as MLflow does);
+        :class:`ConfigError` when it cannot be."""
+        with store_lock(tracking_uri), store_errors(tracking_uri):
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+            use_wal(tracking_uri)
 
     def start_run(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
         tags = dict(tags)

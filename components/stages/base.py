@@ -9,7 +9,8 @@ it runs, :mod:`hpmkd.components.stage_params`) with one method, :meth:`StageKind
    inputs' keys, the data fingerprint and the code version, into its content key (:func:`stage_key`);
 3. a finished run with the same key is reused (its metrics, model and record read back from ``stage.json`` and its
    files), otherwise the kind runs; when an earlier run of the same stage exists but is not reused, the run says why
-   (tag ``not_reused``: the code changed, or which settings did);
+   (tag ``not_reused``: the code changed, or which settings did). While another driver sharing the store computes
+   the same key, the stage waits for it and then reuses it (:mod:`hpmkd.components.claims`);
 4. the nested MLflow run closes FINISHED, or FAILED with the error while earlier stages stay as they are.
 """
 
@@ -24,12 +25,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from hpmkd.components import claims
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageParams, StageResult
 from hpmkd.components.stage_params import TunedConfig
 from hpmkd.components.tracking import MAX_PARAM_LENGTH, Tracker
 from hpmkd.config import ExperimentConfig
 from hpmkd.config_schema import flatten, from_dict, to_dict
 from hpmkd.data import DataSplits
+from hpmkd.paths import inside, safe_name
 from hpmkd.registry import Registry
 from hpmkd.version import code_version
 
@@ -49,6 +52,10 @@ class ExperimentContext:
     splits: DataSplits
     storage_path: str
     out_dir: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder of stage ``stage``'s files: a safe file name under :attr:`out_dir`, never outside it."""
+        return inside(self.out_dir, safe_name(stage))
 
 
 @dataclass
@@ -116,7 +123,7 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
     try:
         with ctx.tracker.run(stage.name, tags, ctx.parent_run_id) as run_id:
             ctx.tracker.log_params(run_id, settings)
-            previous = ctx.tracker.finished_stage(key) if ctx.cfg.reuse else None
+            previous = claims.claim(ctx.tracker, key, run_id) if ctx.cfg.reuse else None
             if previous is not None:
                 log.info("stage %s (%s): reusing finished run %s (same key %s)", stage.name, stage.kind, previous, key)
                 outcome = reuse(ctx, stage, kind, previous)
@@ -140,7 +147,7 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
 
 def reuse(ctx: ExperimentContext, stage: Stage, kind: StageKind, run_id: str) -> StageOutcome:
     """The outcome of the finished stage run ``run_id``: its recorded metrics, model (its file fetched) and record."""
-    folder = ctx.out_dir / stage.name
+    folder = ctx.stage_dir(stage.name)
     folder.mkdir(parents=True, exist_ok=True)
     saved = json.loads(Path(ctx.tracker.download(run_id, STAGE_RECORD, folder)).read_text())
     artifact = None
@@ -187,7 +194,20 @@ def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def resume_key(ctx: ExperimentContext, run: StageRun) -> str:
-    """What names a stage's Ray Train run or Tune search under ``ray.storage_path``: its content key, so that a rerun
-    of the same stage resumes what an interrupted run left; with ``reuse`` off, the key and the stage's MLflow run,
-    so that nothing an earlier run left is resumed (the stage is recomputed from scratch)."""
-    return run.key if ctx.cfg.reuse else f"{run.key}-{run.run_id}"
+    """What names a stage's Ray Train run or Tune search under ``ray.storage_path`` (with :func:`storage_name`):
+    the content key and this stage run, so that no two runs ever write into one folder; but with ``reuse`` on, when
+    an earlier run of the same stage was interrupted (killed, failed, or its driver died), that run's name, so
+    that this one resumes what it left (:func:`hpmkd.components.claims.interrupted`; only one run at a time
+    computes a key). Recorded as the stage run's tag ``resume_key``."""
+    adopted = claims.interrupted(ctx.tracker, run.key, run.run_id) if ctx.cfg.reuse else None
+    name = adopted or f"{run.key}-{run.run_id}"
+    if adopted:
+        log.info("stage key %s: resuming %s, left by an interrupted run", run.key, adopted)
+    ctx.tracker.set_tags(run.run_id, {claims.RESUME_TAG: name})
+    return name
+
+
+def storage_name(ctx: ExperimentContext, stage: Stage, resume: str) -> str:
+    """The folder name of a stage's Ray Train run or Tune search under ``ray.storage_path``: the experiment and
+    stage names made safe for a file name (:func:`hpmkd.paths.safe_name`), and :func:`resume_key`."""
+    return f"{safe_name(ctx.cfg.experiment)}-{safe_name(stage.name)}-{resume}"

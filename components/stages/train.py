@@ -14,7 +14,8 @@ from hpmkd import checkpoint
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
 from hpmkd.components.stage_params import TEACHER_KINDS, LoadTeacher, TrainModel
 from hpmkd.components.stage_runner import run_training_stage
-from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key
+from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
+                                         storage_name)
 from hpmkd.models.ref import ModelRef
 from hpmkd.predictors import SingleModel, load_predictor
 from hpmkd.evaluation import evaluate, predict, test_metrics
@@ -30,14 +31,14 @@ def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: 
     """Fit ``spec`` on Ray Train, record its files (checkpoint, predictor, MLflow model) in the stage's run, and
     hand its predictor on as a :class:`ModelArtifact` called ``name``.
 
-    The Train run is named after the stage's content key (:func:`resume_key`), so rerunning the same stage resumes
-    its checkpoint.
+    The Train run is named after the stage run (:func:`resume_key`): its own folder, or the one of an interrupted
+    run of the same stage, whose checkpoint it resumes.
     """
     trained = run_training_stage(
         spec,
-        train_run_name=f"{ctx.cfg.experiment}-{stage.name}-{resume_key(ctx, run)}",
+        train_run_name=storage_name(ctx, stage, resume_key(ctx, run)),
         storage_path=ctx.storage_path,
-        out_dir=ctx.out_dir / stage.name,
+        out_dir=ctx.stage_dir(stage.name),
         ray_cfg=ctx.cfg.ray,
         tracking_uri=ctx.tracker.tracking_uri,
         run_id=run.run_id,

@@ -17,11 +17,11 @@ proposals, and hands the best configuration (on validation) to the stages that d
 * **Records**: each trial is an MLflow run nested under the tune stage's run (tag ``kind = trial``): its config
   keys as params, ``val_acc`` / ``best_val_acc`` per epoch; when the search ends, each trial is closed (FINISHED,
   tag ``early_stopped`` when ASHA stopped it; FAILED with its error) and written to the optimisation memory.
-* **Resume**: the Tune experiment is named after the stage's content key under ``ray.storage_path``; a stage that
-  finds it (``Tuner.can_restore``) after a crash calls ``Tuner.restore``: finished trials are kept, unfinished and
-  errored ones continue from their last per-epoch checkpoint, and their MLflow runs are picked up again. With
-  ``reuse: false`` the name also holds the stage's MLflow run (:func:`hpmkd.components.stages.resume_key`): nothing is
-  restored, the search starts afresh.
+* **Resume**: the Tune experiment is named after the stage run under ``ray.storage_path``, or, when an earlier run
+  of the same stage was interrupted, after that run (:func:`hpmkd.components.stages.resume_key`); a stage that
+  finds it (``Tuner.can_restore``) calls ``Tuner.restore``: finished trials are kept, unfinished and errored ones
+  continue from their last per-epoch checkpoint, and their MLflow runs are picked up again. With ``reuse: false``
+  nothing is restored, the search starts afresh.
 * **Output**: ``overrides`` (the config key paths of the best configuration), which every stage depending on this
   one runs with (:func:`hpmkd.components.stages.configured`); plus the proposals, their source and the chosen config.
 """
@@ -47,7 +47,8 @@ from hpmkd.components.graph import Stage, StageOutcome, StageResult
 from hpmkd.components.memory import make_record, remember, task_features
 from hpmkd.components.stage_params import Distill, Tune, TunedConfig
 from hpmkd.components.stage_runner import worker_teachers
-from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key
+from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
+                                         storage_name)
 from hpmkd.components.stages.distill import distill_setup
 from hpmkd.components.tracking import log_metrics, log_params
 from hpmkd.config import ExperimentConfig, Recipe
@@ -303,7 +304,7 @@ class TuneKind(StageKind):
             setup = TrialSetup(cfg, params.recipe, spec, space, budget_epochs(cfg),
                                max(1, int(params.config_manager.cpus_per_trial)), ctx.tracker.tracking_uri,
                                ctx.tracker.experiment_id, run.run_id, search, stage.name, list(plan.pools), plan.cache)
-            name = f"{cfg.experiment}-{stage.name}-{search}"
+            name = storage_name(ctx, stage, search)
             tuner, restored = make_tuner(setup, [p.config for p in proposals], name, ctx.storage_path)
             grid = tuner.fit()
         ctx.tracker.set_tags(run.run_id, {"restored": str(restored).lower()})
