@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# Ray's token authentication stays on: tests/conftest.py gives the session a fresh token (RAY_AUTH_MODE=token)
 exec .venv/bin/python -m pytest -q "$@"

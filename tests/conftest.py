@@ -6,12 +6,36 @@ function says so) or ``unit`` (everything else). A unit test that starts Ray fai
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+def session_token() -> None:
+    """Ray's token authentication stays on in the tests, as it is for every local ``ray.init`` since Ray 2.59: all
+    a local cluster needs is ``RAY_AUTH_MODE=token`` and a token that every process of the session (the Ray
+    processes it starts, and drivers started as subprocesses that join it by address) can read, from
+    ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (in that order). A fresh random
+    token in a private temporary file is used, unless the environment already names one; processes without it are
+    refused (tests/test_reliability.py)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="hpmkd-ray-auth-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+
+
+session_token()
 
 
 #: fixtures that make a test an integration test
