@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import traceback
+from typing import NoReturn
 
 from hpmkd.registry import ConfigError
 
@@ -38,6 +39,14 @@ DEFAULT_CACHE_DIR = "hpmkd_runs/logit_cache"
 USER_ERRORS = (ConfigError, ValueError, OSError)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with hpmkd's error line: usage problems end as ``hpmkd: error: ...`` and exit code 2 too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"hpmkd: error: {message} (see `{self.prog} --help`)\n")
+
+
 def port(text: str) -> int:
     """A TCP port number (argparse type)."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -47,14 +56,14 @@ def port(text: str) -> int:
 
 def command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
     """A subcommand; every one also takes ``--debug`` (after the command name as well as before it)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
     return sub.add_parser(name, parents=[common], **kwargs)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpmkd", description="Multi-teacher, multi-stage knowledge distillation on Ray + MLflow.")
+    p = Parser(prog="hpmkd", description="Multi-teacher, multi-stage knowledge distillation on Ray + MLflow.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
