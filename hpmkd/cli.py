@@ -127,7 +127,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     plan = plan_experiment(cfg)
     stages = plan.stages
     try:
-        preflight(plan)
+        preflight(plan, download=False)
         checked = "data, models and objectives checked"
     except DatasetNotFoundError:
         if not cfg.data.download:

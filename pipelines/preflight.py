@@ -32,12 +32,14 @@ from hpmkd.training import StageSpec, teacher_taps_needed
 BUILD_ERRORS = (TypeError, ValueError, RuntimeError, AssertionError, KeyError, IndexError)
 
 
-def preflight(plan: ExperimentPlan, splits: DataSplits | None = None) -> DataSplits:
+def preflight(plan: ExperimentPlan, splits: DataSplits | None = None, download: bool = True) -> DataSplits:
     """Check ``plan`` against its data (see the module docstring); returns the loaded data (``splits`` when given:
-    data already loaded for this config, only the models, objectives and checkpoints are checked)."""
+    data already loaded for this config, only the models, objectives and checkpoints are checked). ``download``
+    false: never fetch the data set, even with ``data.download`` (``hpmkd validate`` changes nothing)."""
     cfg = plan.cfg
     if splits is None:
-        splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
+        kwargs = cfg.data.loader_kwargs(cfg.seed)
+        splits = load_dataset(cfg.data.name, **{**kwargs, "download": kwargs["download"] and download})
     for ref, where in model_refs(cfg, plan.stages):
         check_builds(ref, splits.shape, where)
     for stage in plan.stages:
