@@ -10,12 +10,13 @@
     hpmkd report [--tracking-uri URI] [--experiment NAME ...] [--out DIR] [--log]
     hpmkd ablate CONFIG --seeds N [--components NAME ...] [--output DIR] [--tracking-uri URI] [--set ...]
 
-Ray and MLflow are imported only by the commands that need them, so ``validate`` answers in about a second.
+Ray and MLflow are imported only by the commands that need them: ``validate`` checks the config, its data, models
+and objectives (:mod:`hpmkd.pipelines.preflight`) without starting either.
 
 Every failure the user can fix (a bad config, option, file, path, store or data set) ends the same way: one line
 ``hpmkd: error: <what, where, how to fix>`` on stderr and exit code 2, like argparse's own usage errors, with no
 traceback; ``--debug`` (before or after the command) prints the traceback too. A stage that fails while running is
-reported with the summary of what finished and exit code 1.
+reported with the summary of what finished and exit code 1; Ctrl-C or SIGTERM ends with exit code 130.
 """
 
 from __future__ import annotations
