@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hpmkd.distill_batch import ModelTaps
 from hpmkd.estimators import ESTIMATORS, check_options, load_estimator, predict_log_proba, set_threads
@@ -83,3 +83,15 @@ class EstimatorTeacher:
     def to(self, device: torch.device | str) -> "EstimatorTeacher":
         return self
 
+
+
+class EstimatorPredictor(nn.Module):
+    """A fitted estimator as a :mod:`hpmkd.predictors` predictor (scores: its log-probabilities), so that
+    :func:`hpmkd.evaluation.evaluate` and :func:`~hpmkd.evaluation.predict` measure it like any model."""
+
+    def __init__(self, teacher: EstimatorTeacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.teacher.forward(x)[0]

@@ -145,7 +145,8 @@ def predict_log_proba(estimator: Any, x: np.ndarray, threads: int = 1) -> np.nda
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=max(1, threads)):
-        probs = np.asarray(estimator.predict_proba(np.asarray(x, dtype=np.float32).reshape(len(x), -1)), np.float64)
+        rows = np.array(x, dtype=np.float32).reshape(len(x), -1)  # a writable copy: some estimators need one
+        probs = np.asarray(estimator.predict_proba(rows), np.float64)
     probs = np.maximum(probs, PROB_FLOOR)
     return np.log(probs / probs.sum(1, keepdims=True)).astype(np.float32)
 

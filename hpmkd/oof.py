@@ -106,8 +106,8 @@ def fit_teacher(name: str, options: dict[str, Any], x: np.ndarray, y: np.ndarray
     estimator's seed option (unless given) is ``seed``, its thread option and OpenMP/BLAS pools ``threads``."""
     from threadpoolctl import threadpool_limits
 
-    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
-    y = np.asarray(y, dtype=np.int64)
+    x = np.array(x, dtype=np.float32).reshape(len(x), -1)  # own, writable copies (Ray hands read-only views)
+    y = np.array(y, dtype=np.int64)
 
     def fitted(rows: np.ndarray) -> Any:
         with threadpool_limits(limits=max(1, threads)):
