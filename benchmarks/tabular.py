@@ -124,7 +124,8 @@ def latency(predict: Any, rows: np.ndarray) -> tuple[float, float]:
 def run_one(data: DataConfig, seed: int, root: Path) -> dict[str, Any]:
     splits = load_dataset(data.name, **replace(data, val_fraction=0.2).loader_kwargs(seed))
     x, y = splits.train.x.numpy(), splits.train.y.numpy()
-    out: dict[str, Any] = {"rows": len(splits.train), "classes": splits.num_classes, "features": int(np.prod(splits.input_shape))}
+    out: dict[str, Any] = {"rows": len(splits.train), "classes": splits.num_classes,
+                           "features": int(np.prod(splits.input_shape))}
     oof, in_sample, latencies = {}, {}, {}
     tag = f"{splits.fingerprint}"
     for name, (model, options) in TEACHERS.items():
@@ -147,8 +148,8 @@ def run_one(data: DataConfig, seed: int, root: Path) -> dict[str, Any]:
     assistant = predictor_from_payload(ASSISTANT, splits.shape, payload).eval()
     with torch.no_grad():
         assistant_lp = torch.log_softmax(assistant(splits.train.x), -1).numpy()
-    out["hpmkd"] = student(data, seed, root, {**oof, "assistant": entry(root, "assistant", assistant_lp, f"{tag}:a{seed}")},
-                           HPMKD)[0]["test_auc"]
+    with_assistant = {**oof, "assistant": entry(root, "assistant", assistant_lp, f"{tag}:a{seed}")}
+    out["hpmkd"] = student(data, seed, root, with_assistant, HPMKD)[0]["test_auc"]
     net = STUDENT.build(splits.shape).eval()
 
     def student_predict(rows: np.ndarray) -> None:

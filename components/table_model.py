@@ -35,7 +35,8 @@ class TableStudent(mlflow.pyfunc.PythonModel):
         ref = ModelRef(described["model"], described["options"])
         shape = DataShape(described["num_classes"], tuple(described["input_shape"]))
         self.predictor = load_predictor(context.artifacts[WEIGHTS], ref, shape).eval()
-        self.preprocessing = TablePreprocessing.from_record(json.loads(Path(context.artifacts[PREPROCESSING]).read_text()))
+        record = json.loads(Path(context.artifacts[PREPROCESSING]).read_text())
+        self.preprocessing = TablePreprocessing.from_record(record)
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd

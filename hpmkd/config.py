@@ -448,8 +448,9 @@ def check_model(ref: ModelRef, path: str, teacher: bool = False) -> None:
         return
     if is_model(ref.model):
         return
-    provider = next((PROVIDERS.get(p) for p in PROVIDERS.names() if PROVIDERS.get(p).serves(ref)), None) if teacher else None
-    if provider is not None:
+    serving = [PROVIDERS.get(p) for p in PROVIDERS.names() if teacher and PROVIDERS.get(p).serves(ref)]
+    if serving:
+        provider = serving[0]
         check = getattr(provider, "check", None)  # a provider may check its own options (an estimator's keywords)
         if check is not None:
             check(ref, path)

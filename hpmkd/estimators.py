@@ -78,14 +78,13 @@ def entry_of(name: str, path: str = "model") -> Estimator:
     return ESTIMATORS.get(name, path)()
 
 
-for _name, _module in (("HistGradientBoostingClassifier", "sklearn.ensemble"),
-                       ("RandomForestClassifier", "sklearn.ensemble"),
-                       ("ExtraTreesClassifier", "sklearn.ensemble"),
-                       ("KNeighborsClassifier", "sklearn.neighbors"),
-                       ("MLPClassifier", "sklearn.neural_network")):
-    register(_name, Estimator(_module, _name, "scikit-learn", "skops",
-                              threads=None if _name in ("HistGradientBoostingClassifier", "MLPClassifier") else "n_jobs",
-                              seed=None if _name == "KNeighborsClassifier" else "random_state"))
+for _name, _module, _threads, _seed in (
+        ("HistGradientBoostingClassifier", "sklearn.ensemble", None, "random_state"),  # OpenMP threads
+        ("RandomForestClassifier", "sklearn.ensemble", "n_jobs", "random_state"),
+        ("ExtraTreesClassifier", "sklearn.ensemble", "n_jobs", "random_state"),
+        ("KNeighborsClassifier", "sklearn.neighbors", "n_jobs", None),
+        ("MLPClassifier", "sklearn.neural_network", None, "random_state")):  # BLAS threads
+    register(_name, Estimator(_module, _name, "scikit-learn", "skops", threads=_threads, seed=_seed))
 register("LogisticRegression", Estimator("sklearn.linear_model", "LogisticRegression", "scikit-learn", "skops",
                                          defaults={"max_iter": 1000}, threads=None))
 register("SVC", Estimator("sklearn.svm", "SVC", "scikit-learn", "skops", fixed={"probability": True}, threads=None))

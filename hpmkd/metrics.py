@@ -43,6 +43,5 @@ def ece(predictions: Predictions) -> dict[str, float]:
     confidence, predicted = probs.max(1), probs.argmax(1)
     correct = (predicted == predictions.y.numpy()).astype(np.float64)
     bins = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
-    count = np.bincount(bins, minlength=ECE_BINS)
     gap = np.abs(np.bincount(bins, correct, ECE_BINS) - np.bincount(bins, confidence, ECE_BINS))
     return {"ece": float(gap.sum() / max(1, len(bins)))}

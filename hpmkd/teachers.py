@@ -6,7 +6,8 @@ references it serves (:meth:`TeacherProvider.serves`), to read its weights file 
 (:meth:`TeacherProvider.read`), where its features are (``taps``) and how large it is before training (``size``,
 ``None`` when unknown), and to be built from those weights wherever it runs (an actor, a worker, a test):
 ``torch`` (:class:`TorchTeacher`) serves every :func:`hpmkd.models.create_model` name, trained here or given as a
-checkpoint; ``sklearn`` (:mod:`hpmkd.estimator_teacher`) serves fitted scikit-learn / boosting estimators. :func:`provider_for`
+checkpoint; ``sklearn`` (:mod:`hpmkd.estimator_teacher`) serves fitted scikit-learn and boosting
+estimators. :func:`provider_for`
 finds the provider of a :class:`~hpmkd.models.ref.ModelRef`.
 
 **Sources.** A :class:`TeacherSource` is asked for a batch *before* the student needs it (``request`` returns a

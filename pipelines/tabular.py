@@ -60,8 +60,8 @@ class TabularConfig:
         if self.teacher_fit != "oof":
             return
         if cfg.data.augment != "none":
-            raise ConfigError(f"data.augment: out-of-fold teacher outputs score the training rows as they are; set "
-                              f"data.augment: none (or tabular.teacher_fit: in_sample).")
+            raise ConfigError("data.augment: out-of-fold teacher outputs score the training rows as they are; set "
+                              "data.augment: none (or tabular.teacher_fit: in_sample).")
         if cfg.distill.teacher_outputs in ("online", "bank"):
             raise ConfigError(f"distill.teacher_outputs: {cfg.distill.teacher_outputs!r} cannot serve stored "
                               f"out-of-fold outputs; use auto or cache (or tabular.teacher_fit: in_sample).")
@@ -75,7 +75,8 @@ def feature_readers(cfg: ExperimentConfig) -> list[str]:
     shape = DataShape(*data_shape(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.options))
     estimators = [i for i, t in enumerate(cfg.teachers) if EstimatorTeacher.serves(t.ref)]
     context = dict(num_classes=shape.num_classes, num_teachers=len(cfg.teachers), num_train=1,
-                   student_taps=cfg.student.ref.taps(shape), teacher_taps=[teacher_taps(t.ref, shape) for t in cfg.teachers])
+                   student_taps=cfg.student.ref.taps(shape),
+                   teacher_taps=[teacher_taps(t.ref, shape) for t in cfg.teachers])
     readers = []
     for name, (_, options) in cfg.distill.method_options().items():
         try:

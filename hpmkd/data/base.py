@@ -130,4 +130,5 @@ def absolute_paths(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` of data set ``name`` with its file-path options (the factory's ``path_options``) made absolute
     against the current folder, where the config is read (Ray workers run in other folders)."""
     keys = getattr(DATASETS.get(name, "data.name"), "path_options", ())
-    return {k: (str(Path(v).expanduser().resolve()) if k in keys and isinstance(v, str) else v) for k, v in options.items()}
+    return {k: (str(Path(v).expanduser().resolve()) if k in keys and isinstance(v, str) else v)
+            for k, v in options.items()}

@@ -119,7 +119,8 @@ def column_codes(table: Any, column: Column, where: str) -> np.ndarray:
     import pyarrow.compute as pc
 
     if column.name not in table.column_names:
-        raise ConfigError(f"{where}: the rows have no column {column.name!r}.{did_you_mean(column.name, table.column_names)}")
+        hint = did_you_mean(column.name, table.column_names)
+        raise ConfigError(f"{where}: the rows have no column {column.name!r}.{hint}")
     values = table.column(column.name)
     if column.kind == "numeric":
         return numeric_values(values, column.name, where)
@@ -239,8 +240,8 @@ def labels_of(table: Any, target: str, classes: list[str], key: str) -> np.ndarr
     values = table.column(target)
     missing = np.flatnonzero(np.asarray(values.is_null().to_numpy(zero_copy_only=False)))
     if len(missing):
-        raise ConfigError(f"{key}: the target column {target!r} is empty in {len(missing)} row(s) "
-                          f"(rows {', '.join(map(str, missing[:MAX_SHOWN]))}{' ...' if len(missing) > MAX_SHOWN else ''}); "
+        rows = ", ".join(map(str, missing[:MAX_SHOWN])) + (" ..." if len(missing) > MAX_SHOWN else "")
+        raise ConfigError(f"{key}: the target column {target!r} is empty in {len(missing)} row(s) (rows {rows}); "
                           f"remove those rows from the file.")
     index = pc.index_in(as_strings(values), value_set=pa.array(classes, pa.string()))
     if index.null_count:
@@ -270,7 +271,8 @@ def table_data(table: Any, *, target: str, categorical: list[str], drop: list[st
     inputs = [c for c in available if c != target and c not in drop]
     if not inputs:
         raise ConfigError("data.options.drop: no input column is left besides the target.")
-    both = table if test is None else pa.concat_tables([table.select(inputs + [target]), test.select(inputs + [target])])
+    kept = inputs + [target]
+    both = table if test is None else pa.concat_tables([table.select(kept), test.select(kept)])
     columns = [Column(c, "categorical", tuple(sorted(set(as_strings(both.column(c)).drop_null().to_pylist()))))
                if c in categorical else Column(c, "numeric") for c in inputs]
     classes = class_labels(table.column(target))
@@ -311,8 +313,9 @@ SYNTHETIC_LEVELS = ("a", "b", "c", "d")
 
 
 def synthetic_table(n_samples: int = 2000, n_features: int = 20, n_informative: int = 10, n_redundant: int = 2,
-                    n_classes: int = 2, class_sep: float = 1.0, flip_y: float = 0.01, weights: list[float] | None = None,
-                    categorical: int = 0, missing: float = 0.0, random_state: int = 0) -> Any:
+                    n_classes: int = 2, class_sep: float = 1.0, flip_y: float = 0.01,
+                    weights: list[float] | None = None, categorical: int = 0, missing: float = 0.0,
+                    random_state: int = 0) -> Any:
     """The pyarrow table of :func:`synthetic` (columns ``x0`` ... ``x{D-1}``, the last ``categorical`` ones as
     string levels, and the target ``y``)."""
     import pyarrow as pa
