@@ -4,7 +4,8 @@
 as in the user's file: strings for categories, empty cells for missing values), it encodes them with the
 preprocessing fitted on the training split (:class:`hpmkd.data.table.TablePreprocessing`, its record logged with
 the model) and returns the student's class probabilities, one column per class. Its files are the predictor
-checkpoint (``model.pt``, read with ``weights_only=True``), the model reference and the preprocessing (JSON).
+checkpoint (``model.pt``, read with ``weights_only=True``), the model reference and the preprocessing (JSON); the
+model is logged "from code" (:mod:`hpmkd.components.table_model_code`), so loading it unpickles nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from hpmkd.models.ref import DataShape, ModelRef
 
 #: the artifacts of the exported model
 WEIGHTS, MODEL, PREPROCESSING = "weights", "model", "preprocessing"
+#: MLflow "models from code": the file that defines the exported model (nothing is pickled)
+MODEL_CODE = Path(__file__).with_name("table_model_code.py")
 
 
 class TableStudent(mlflow.pyfunc.PythonModel):
@@ -38,7 +41,7 @@ class TableStudent(mlflow.pyfunc.PythonModel):
         record = json.loads(Path(context.artifacts[PREPROCESSING]).read_text())
         self.preprocessing = TablePreprocessing.from_record(record)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
         import pandas as pd
         import torch
 
@@ -60,6 +63,6 @@ def log_table_model(tracker: Tracker, run_id: str, model_path: str, model: Model
         preprocessing.write_text(json.dumps(splits.preprocessing))
         with EXPORT_LOCK, mlflow.start_run(run_id=run_id, nested=True):
             mlflow.pyfunc.log_model(
-                name="model", python_model=TableStudent(),
+                name="model", python_model=str(MODEL_CODE),
                 artifacts={WEIGHTS: str(model_path), MODEL: str(described), PREPROCESSING: str(preprocessing)},
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pyarrow", "pandas"])

@@ -79,6 +79,7 @@ def test_a_second_run_reuses_the_fitted_teachers_and_the_report_shows_the_auc(ta
     assert "| teacher_hgb | teacher |" in text and "AUC retention" in text
 
 
+@pytest.mark.timeout(1800)  # seven stages and a Tune search: minutes on a busy 2-core machine
 def test_hpmkd_on_a_csv_table_and_its_student_predicts_from_raw_rows(ray_session, tmp_path):
     table = synthetic_table(n_samples=600, n_features=8, n_informative=5, n_classes=3, categorical=2, missing=0.05,
                             random_state=3)
@@ -87,7 +88,8 @@ def test_hpmkd_on_a_csv_table_and_its_student_predicts_from_raw_rows(ray_session
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(ROOT / "conf" / "tabular_hpmkd.yaml", [
         "data.name=table", f"data.options={json.dumps(data)}", "train.epochs=3", "config_manager.budget_epochs=2",
-        "teachers.0.options={max_iter: 30}", "teachers.1.options={n_estimators: 20}", f"output_dir={tmp_path / 'runs'}"])
+        "teachers.0.options={max_iter: 30}", "teachers.1.options={n_estimators: 20}", "distill.baseline=false",
+        f"output_dir={tmp_path / 'runs'}"])
     summary = run_experiment(cfg, tracking_uri=uri)
     kinds = {s["name"]: (s["kind"], s["status"]) for s in summary["stages"]}
     assert kinds["tune"] == ("tune", "FINISHED") and kinds["assistant_1"] == ("chain_link", "FINISHED")
