@@ -126,6 +126,7 @@ def latency(predict: Any, rows: np.ndarray) -> tuple[float, float]:
 def run_one(data: DataConfig, seed: int, root: Path) -> dict[str, Any]:
     splits = load_dataset(data.name, **replace(data, val_fraction=0.2).loader_kwargs(seed))
     x, y = splits.train.x.numpy(), splits.train.y.numpy()
+    began = time.perf_counter()
     out: dict[str, Any] = {"rows": len(splits.train), "classes": splits.num_classes,
                            "features": int(np.prod(splits.input_shape))}
     oof, in_sample, latencies = {}, {}, {}
@@ -160,6 +161,7 @@ def run_one(data: DataConfig, seed: int, root: Path) -> dict[str, Any]:
 
     latencies["student"] = latency(student_predict, splits.test.x.numpy())
     out["latency"] = latencies
+    out["wall_s"] = time.perf_counter() - began
     return out
 
 
@@ -184,8 +186,9 @@ def paired(a: list[float], b: list[float]) -> str:
 
 def report(results: dict[str, list[dict[str, Any]]], seeds: list[int], wall_s: float) -> str:
     students = ["alone", *(f"kd_{t}" for t in TEACHERS), "kd_mean", "hpmkd"]
-    lines = [f"Seeds {seeds}; {wall_s / 60:.1f} min on the 2-core CPU machine (shared with other jobs: latencies are "
-             "ratios measured side by side in one process). Test ROC-AUC, mean ± std over seeds.\n",
+    computed = sum(r.get("wall_s", 0.0) for runs in results.values() for r in runs) or wall_s
+    lines = [f"Seeds {seeds}; {computed / 60:.1f} min of computing on the 2-core CPU machine, shared with other jobs "
+             "(latencies are ratios measured side by side in one process). Test ROC-AUC, mean ± std over seeds.\n",
              "| table | rows (train) | classes | " + " | ".join(f"teacher {t}" for t in TEACHERS) + " | "
              + " | ".join(students) + " |", "|" + "---|" * (3 + len(TEACHERS) + len(students))]
     retention, beats, ratio_rows = [], [], []
