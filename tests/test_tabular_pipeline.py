@@ -118,3 +118,28 @@ def test_hpmkd_on_a_csv_table_and_its_student_predicts_from_raw_rows(ray_session
     student = load_predictor(weights, cfg.student.ref, splits.shape).eval()
     x = torch.from_numpy(TablePreprocessing.from_record(recorded).encode(raw))
     np.testing.assert_allclose(probs.to_numpy(), torch.softmax(student(x), -1).detach().numpy(), atol=1e-5)
+
+
+def test_a_table_student_is_exported_as_a_model_that_reads_raw_rows(tracking_uri, tmp_path):
+    from hpmkd.components.table_model import log_table_model
+    from hpmkd.components.tracking import Tracker
+    from hpmkd.data.table import TablePreprocessing
+    from hpmkd.models.ref import ModelRef
+    from hpmkd.predictors import load_predictor, save_predictor
+
+    table = synthetic_table(n_samples=200, n_features=5, n_informative=3, categorical=1, missing=0.1, random_state=1)
+    pcsv.write_csv(table, tmp_path / "t.csv")
+    splits = load_dataset("table", options={"path": str(tmp_path / "t.csv"), "target": "y", "categorical": ["x4"]})
+    ref = ModelRef("tabular_resnet", {"width": 8, "depth": 1})
+    save_predictor(ref.build(splits.shape).state_dict(), tmp_path / "model.pt")
+    tracker = Tracker(tracking_uri, "export")
+    run = tracker.start_run("student", {})
+    log_table_model(tracker, run, str(tmp_path / "model.pt"), ref, splits)
+    tracker.finish(run)
+    model_id = mlflow.search_logged_models(experiment_ids=[tracker.experiment_id], output_format="list")[0].model_id
+    raw = table.slice(0, 9).to_pandas()  # strings, missing cells, and the target column (ignored)
+    probs = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(raw)
+    student = load_predictor(str(tmp_path / "model.pt"), ref, splits.shape).eval()
+    x = torch.from_numpy(TablePreprocessing.from_record(splits.preprocessing).encode(raw))
+    assert list(probs.columns) == splits.class_names
+    np.testing.assert_allclose(probs.to_numpy(), torch.softmax(student(x), -1).detach().numpy(), atol=1e-6)
