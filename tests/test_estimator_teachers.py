@@ -71,7 +71,8 @@ def test_served_log_probabilities_equal_predict_proba(wine, fitted_rf, tmp_path)
 
 def test_every_estimator_saves_loads_and_predicts_the_same(wine, tmp_path):
     x, y = wine.train.x.numpy(), wine.train.y.numpy()
-    for name, opts in [("HistGradientBoostingClassifier", {"max_iter": 10}), ("ExtraTreesClassifier", {"n_estimators": 5}),
+    for name, opts in [("HistGradientBoostingClassifier", {"max_iter": 10}),
+                       ("ExtraTreesClassifier", {"n_estimators": 5}),
                        ("LogisticRegression", {}), ("SVC", {}), ("KNeighborsClassifier", {"n_neighbors": 3}),
                        ("MLPClassifier", {"max_iter": 50}), ("LGBMClassifier", {"n_estimators": 10}),
                        ("XGBClassifier", {"n_estimators": 10}), ("CatBoostClassifier", {"iterations": 10})]:

@@ -62,7 +62,8 @@ def config(**extra) -> dict:
 def test_a_chain_from_an_estimator_teacher_needs_its_assistants_by_hand():
     with pytest.raises(ConfigError, match=r"chain.assistants: .*rf \(an estimator\) is known only once fitted"):
         plan_experiment(config_from_data(config()))
-    plan = plan_experiment(config_from_data(config(chain={"assistants": [{"model": "mlp", "options": {"hidden": 32}}]})))
+    assistants = {"assistants": [{"model": "mlp", "options": {"hidden": 32}}]}
+    plan = plan_experiment(config_from_data(config(chain=assistants)))
     kinds = {s.name: s.kind for s in plan.stages}
     assert kinds["teacher_rf"] == "fit_teacher" and kinds["assistant_1"] == "chain_link"
     record = next(s for s in plan.stages if s.kind == "chain_plan").params.plan
