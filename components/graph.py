@@ -56,7 +56,9 @@ class ModelArtifact:
     ``name``: how distillation stages call the model (a teacher's name, or the producing stage's name);
     ``model``: its architecture; ``path``: its predictor checkpoint (:mod:`hpmkd.predictors`); ``digest``: sha256 of
     that file (what the cache keys on); ``params``: its parameter count; ``metrics``: its selected validation and
-    test metrics (``val_acc``, ``test_acc``, ...).
+    test metrics (``val_acc``, ``test_acc``, ...); ``train_outputs``: a file of the model's outputs on the training
+    split's rows stored by the stage that made it (an estimator teacher's out-of-fold outputs,
+    :class:`hpmkd.oof.FoldOutputs`), served to students instead of the model's own outputs on those rows.
     """
 
     name: str
@@ -65,6 +67,7 @@ class ModelArtifact:
     digest: str
     params: int
     metrics: dict[str, float] = field(default_factory=dict)
+    train_outputs: str | None = None
 
 
 @dataclass

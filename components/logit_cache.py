@@ -7,6 +7,11 @@ each request to the teacher's next replica. At most :data:`IN_FLIGHT` requests p
 memory stays bounded whatever the split's size; results go into preallocated arrays, and each entry is written
 (atomically) as soon as its last chunk is in.
 
+A teacher whose stage stored its own outputs on the training rows (an estimator teacher's out-of-fold outputs,
+``ModelArtifact.train_outputs``: each row scored by the fold model that never saw it) is not asked: its entry is
+written from that file, keyed like any other with the view naming the fold plan and the file's digest
+(``plain|oof:folds=5:seed=0:<sha256 prefix>``), so in-sample and out-of-fold outputs never share an entry.
+
 :class:`CachedTeachers` is the :class:`hpmkd.teachers.TeacherSource` a worker uses when the teachers' outputs are
 stored: it memory-maps the entries (opened lazily, in the worker's own process) and answers each batch by row index
 from the entries of the view it is told (``view`` = the epoch's view of a view bank; 0 for the plain cache).
@@ -28,6 +33,7 @@ from hpmkd.data.source import BatchSource
 from hpmkd.data.views import PLAIN, ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.logit_cache import DTYPES, CachedLogits, CacheKey, entry_path, lookup, write_entry
+from hpmkd.oof import FoldOutputs
 from hpmkd.teachers import Pending, TeacherSpec
 
 BATCH = 1024  # rows per actor call while filling: large enough that the RPC cost (~1-5 ms) is negligible
@@ -87,17 +93,45 @@ def ensure_cached(
     dtype: str = "float16",
     top_k: int | None = None,
     taps: Sequence[Sequence[str]] = (),
+    stored: Sequence[str | None] = (),
 ) -> list[list[CacheUse]]:
     """Make sure every teacher has an entry for every view of ``source`` (a split's rows, in order); compute the
-    missing ones. ``taps[i]``: the feature taps stored with teacher ``i``'s logits. Returns ``uses[view][teacher]``."""
+    missing ones. ``taps[i]``: the feature taps stored with teacher ``i``'s logits; ``stored[i]``: teacher ``i``'s
+    own stored outputs on these rows (module docstring), written as its entry instead. Returns
+    ``uses[view][teacher]``."""
     taps = [tuple(sorted(t)) for t in taps] if taps else [() for _ in specs]
+    stored = list(stored) or [None] * len(specs)
     base = [teacher_key(s, w, fingerprint, split, "", dtype, top_k, taps[i]) for i, (s, w) in enumerate(zip(specs, weights))]
-    keys = [[replace(k, view=views.name(v)) for k in base] for v in range(views.views)]
+    keys = [[replace(k, view=views.name(v) + stored_view(stored[i], views)) for i, k in enumerate(base)]
+            for v in range(views.views)]
     missing = {(v, i) for v in range(views.views) for i in range(len(specs)) if lookup(root, keys[v][i]) is None}
-    if missing:
-        fill(pools, source, views, sorted(missing), keys, root, dtype, taps)
+    for v, i in sorted(missing):
+        if stored[i] is not None:
+            write_stored(root, keys[v][i], stored[i], len(source), specs[i].name)
+    missing_computed = sorted((v, i) for v, i in missing if stored[i] is None)
+    if missing_computed:
+        fill(pools, source, views, missing_computed, keys, root, dtype, taps)
     return [[CacheUse(specs[i].name, views.name(v), str(entry_path(root, keys[v][i])), keys[v][i].digest,
                       (v, i) not in missing) for i in range(len(specs))] for v in range(views.views)]
+
+
+def stored_view(path: str | None, views: ViewBank) -> str:
+    """What a teacher's stored training outputs add to its entries' view: the fold plan and the file's digest."""
+    if path is None:
+        return ""
+    if views is not PLAIN:
+        raise ValueError("stored (out-of-fold) teacher outputs score the rows as they are; they cannot serve the "
+                         "augmented views of a view bank (set data.augment: none).")
+    return f"|{FoldOutputs.load(path).plan.name}:{file_digest(path)[:16]}"
+
+
+def write_stored(root: str, key: CacheKey, path: str, rows: int, teacher: str) -> None:
+    """Teacher ``teacher``'s entry from its stored outputs (:class:`hpmkd.oof.FoldOutputs`)."""
+    outputs = FoldOutputs.load(path)
+    if len(outputs.log_probs) != rows:
+        raise ValueError(f"teacher {teacher!r}: its stored outputs ({path}) have {len(outputs.log_probs)} rows, the "
+                         f"training split {rows}; they were made for other data.")
+    write_entry(root, key, outputs.log_probs)
 
 
 def fill(pools: list[TeacherPool], source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],

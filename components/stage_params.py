@@ -6,6 +6,7 @@ kind               params                        what the stage does (:mod:`hpmk
 ``train_teacher``  :class:`TrainModel`           trains a teacher with cross-entropy
 ``train_student``  :class:`TrainModel`           trains the student alone (the baseline)
 ``load_teacher``   :class:`LoadTeacher`          loads a teacher checkpoint and measures it
+``fit_teacher``    :class:`FitTeacher`           fits an estimator teacher, with out-of-fold training outputs
 ``distill``        :class:`Distill`              distils a student from its input stages' models
 ``chain_link``     :class:`ChainLink`            one link of a progressive chain (a distill with HPM-KD's ε rule)
 ``chain_plan``     :class:`ChainPlanRecord`      records a chain's plan
@@ -30,7 +31,7 @@ from hpmkd.search_space import ConfigManagerConfig
 
 
 #: the kinds whose model is a teacher
-TEACHER_KINDS = ("train_teacher", "load_teacher")
+TEACHER_KINDS = ("train_teacher", "load_teacher", "fit_teacher")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,24 @@ class LoadTeacher(StageParams):
     def settings(self) -> dict[str, Any]:
         return {"teacher": self.teacher, "model": self.model.model, "options": self.model.options,
                 "checkpoint": self.checkpoint, "checkpoint_sha256": file_digest(self.checkpoint)}
+
+
+@dataclass(frozen=True)
+class FitTeacher(StageParams):
+    """Fit the estimator teacher ``teacher`` (``model``: an :data:`hpmkd.estimators.ESTIMATORS` name and its
+    options) on the training split; ``fit``: ``oof`` also stores out-of-fold outputs on the training rows from
+    ``folds`` stratified folds (:mod:`hpmkd.oof`), ``in_sample`` does not."""
+
+    kind = "fit_teacher"
+    teacher: str
+    model: ModelRef
+    fit: str
+    folds: int
+
+    def settings(self) -> dict[str, Any]:
+        folds = {"folds": self.folds} if self.fit == "oof" else {}
+        return {"teacher": self.teacher, "model": self.model.model, "options": self.model.options, "fit": self.fit,
+                **folds}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ source     what happens
            view ``e mod bank_views`` and reads that view's entries
 =========  =========================================================================================================
 
-:func:`hpmkd.teachers.choose_source` resolves ``auto`` to the fastest source that is exact.
+:func:`hpmkd.teachers.choose_source` resolves ``auto`` to the fastest source that is exact. A teacher that stored
+its own outputs on the training rows (an estimator's out-of-fold outputs) is served from them by the stored sources
+(:func:`hpmkd.components.logit_cache.ensure_cached`); ``online`` cannot serve them and says so.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from hpmkd.components.teacher_service import TeacherPool, release, start_teacher
 from hpmkd.config import DistillConfig, ExperimentConfig
 from hpmkd.data import DataSplits
 from hpmkd.data.views import PLAIN, ViewBank
-from hpmkd.registry import Registry
+from hpmkd.registry import ConfigError, Registry
 from hpmkd.teachers import TeacherSpec, choose_source
 
 
@@ -54,7 +56,9 @@ class TeacherOutputPlan:
 @dataclass(frozen=True)
 class OutputsRequest:
     """What a stage asks for: its teachers' outputs (``specs``, weights files ``weights``, feature ``taps`` per
-    teacher) on ``splits`` for the recipe ``distill``, in experiment ``cfg`` (seed, augmentation, actors, cache)."""
+    teacher) on ``splits`` for the recipe ``distill``, in experiment ``cfg`` (seed, augmentation, actors, cache).
+    ``train_outputs[i]``: teacher ``i``'s own stored outputs on the training rows (out-of-fold, ``None``: computed
+    by the teacher), which only the stored sources can serve."""
 
     cfg: ExperimentConfig
     distill: DistillConfig
@@ -62,6 +66,7 @@ class OutputsRequest:
     specs: list[TeacherSpec]
     weights: list[str]
     taps: Sequence[Sequence[str]]
+    train_outputs: Sequence[str | None] = ()
 
 
 #: source name -> ``(request, pools) -> TeacherOutputPlan``
@@ -70,6 +75,11 @@ SOURCES: Registry[TeacherOutputPlan] = Registry("teacher output source")
 
 @SOURCES.register("online")
 def online(request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
+    stored = [s.name for s, path in zip(request.specs, request.train_outputs) if path is not None]
+    if stored:
+        raise ConfigError(f"distill.teacher_outputs: online asks the teachers for every training batch, but "
+                          f"{', '.join(stored)} serve(s) stored out-of-fold outputs on the training rows; use "
+                          f"teacher_outputs: cache (or auto), or tabular.teacher_fit: in_sample.")
     return TeacherOutputPlan("online", pools=pools)
 
 
@@ -78,7 +88,7 @@ def stored(source: str, views: ViewBank, request: OutputsRequest, pools: list[Te
     distill, splits = request.distill, request.splits
     uses = ensure_cached(pools, request.specs, request.weights, splits.train, root=str(request.cfg.cache_root()),
                          fingerprint=splits.fingerprint, views=views, dtype=distill.cache_dtype,
-                         top_k=distill.cache_top_k, taps=request.taps)
+                         top_k=distill.cache_top_k, taps=request.taps, stored=request.train_outputs)
     release(pools)
     return TeacherOutputPlan(source, cache=[[u.path for u in per_view] for per_view in uses], uses=uses,
                              view_bank=None if views is PLAIN else views)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Literal
 from hpmkd.models import MODELS
 from hpmkd.models.ref import DataShape, ModelRef
 from hpmkd.registry import ConfigError
+from hpmkd.teachers import teacher_size
 
 Scale = Literal["width", "depth", "both"]
 
@@ -83,6 +84,7 @@ SCALINGS: dict[str, Scaling] = {
     for s in (
         Scaling("hpmkd.models.cnn", "width", True, 1, 1),
         Scaling("hpmkd.models.mlp", "hidden", True, 1, 1),
+        Scaling("hpmkd.models.tabular", "width", True, 1, 1),
         Scaling("hpmkd.models.cifar_resnet", "width_mult", False, 8, 6),
         Scaling("hpmkd.models.wrn", "widen_factor", False, 10, 6),
         Scaling("hpmkd.models.vgg", "width_mult", False, 1, 1),
@@ -121,11 +123,12 @@ def knobs(model: ModelRef) -> dict[str, Any]:
 
 @dataclass
 class ChainModel:
-    """One model of a chain: its config, its parameter count, and the size it was chosen for (assistants only)."""
+    """One model of a chain: its config, its parameter count (``None`` for a teacher whose size is known only once
+    fitted, an estimator), and the size it was chosen for (assistants only)."""
 
     role: Literal["teacher", "assistant", "student"]
     model: ModelRef
-    params: int
+    params: int | None
     target: float | None = None
 
 
@@ -151,16 +154,17 @@ class ChainPlan:
         return len(self.assistants) + 1
 
     @property
-    def ratios(self) -> list[float]:
-        """Each step's size ratio ``|θ_{i−1}| / |θ_i|``."""
+    def ratios(self) -> list[float | None]:
+        """Each step's size ratio ``|θ_{i−1}| / |θ_i|`` (``None`` from a teacher of unknown size)."""
         sizes = [m.params for m in self.models]
-        return [a / b for a, b in zip(sizes, sizes[1:])]
+        return [None if a is None else a / b for a, b in zip(sizes, sizes[1:])]
 
     def table(self) -> str:
         lines = [f"{'i':>2}  {'role':<10}{'model':<12}{'options':<40}{'params':>11}{'target':>11}{'ratio':>8}"]
         for i, (m, ratio) in enumerate(zip(self.models, [None, *self.ratios])):
             options = ", ".join(f"{k}={v}" for k, v in m.model.options.items()) or "-"
-            lines.append(f"{i:>2}  {m.role:<10}{m.model.model:<12}{options:<40}{m.params:>11,}"
+            lines.append(f"{i:>2}  {m.role:<10}{m.model.model:<12}{options:<40}"
+                         f"{'-' if m.params is None else f'{m.params:,}':>11}"
                          f"{'-' if m.target is None else f'{m.target:,.0f}':>11}"
                          f"{'-' if ratio is None else f'{ratio:.2f}x':>8}")
         return "\n".join(lines)
@@ -326,12 +330,14 @@ def describe_chain(
     """The plan of a chain given by hand (TAKD): sizes and step ratios; steps above ``max_gap`` are noted, not
     refused (the hand-given chain is the user's choice)."""
     size = functools.partial(ModelRef.count_params, shape=shape)
-    plan = ChainPlan(ChainModel("teacher", teacher, size(teacher)),
+    plan = ChainPlan(ChainModel("teacher", teacher, teacher_size(teacher, shape)),
                      [ChainModel("assistant", a, size(a)) for a in assistants],
                      ChainModel("student", student, size(student)), "", max_gap)
-    wide = [f"step {i + 1} ({r:.2f}x)" for i, r in enumerate(plan.ratios) if max_gap is not None and r > max_gap]
-    plan.why = (f"given by hand (chain.assistants): {len(assistants)} assistant(s), {plan.steps} steps, "
-                f"{plan.teacher.params / plan.student.params:.1f}x compression in all."
+    wide = [f"step {i + 1} ({r:.2f}x)" for i, r in enumerate(plan.ratios)
+            if max_gap is not None and r is not None and r > max_gap]
+    overall = ("the teacher's size is known only once fitted" if plan.teacher.params is None
+               else f"{plan.teacher.params / plan.student.params:.1f}x compression in all")
+    plan.why = (f"given by hand (chain.assistants): {len(assistants)} assistant(s), {plan.steps} steps, {overall}."
                 + (f" Above max_gap {max_gap}: {', '.join(wide)}." if wide else ""))
     return plan
 

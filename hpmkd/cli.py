@@ -257,6 +257,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     ours = MODELS.names()
     print("hpmkd models:", ", ".join(ours))
     print("torchvision models:", ", ".join(n for n in list_models() if n not in ours))
+    from hpmkd.estimators import ESTIMATORS
+
+    print("estimator teachers (docs/tabular.md):", ", ".join(ESTIMATORS.names()))
     return 0
 
 

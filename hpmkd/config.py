@@ -324,7 +324,7 @@ SECTIONS: Registry[Any] = Registry("config section")
 #: pipelines, teacher providers, test metrics. :func:`load_plugins` imports them before a config is read, before a
 #: teacher is built (:func:`hpmkd.teachers.provider_for`) and before test metrics are computed; add a module here
 #: when it registers such an entry and nothing else imports it.
-PLUGIN_MODULES = ("hpmkd.pipelines",)
+PLUGIN_MODULES = ("hpmkd.pipelines", "hpmkd.estimator_teacher", "hpmkd.metrics")
 
 
 @dataclass
@@ -504,7 +504,14 @@ def check_model(ref: ModelRef, path: str, teacher: bool = False) -> None:
     if ref.model in MODELS:
         MODELS.check_options(ref.model, ref.options, f"{path}.options")
         return
-    if is_model(ref.model) or (teacher and any(PROVIDERS.get(p).serves(ref) for p in PROVIDERS.names())):
+    if is_model(ref.model):
+        return
+    serving = [PROVIDERS.get(p) for p in PROVIDERS.names() if teacher and PROVIDERS.get(p).serves(ref)]
+    if serving:
+        provider = serving[0]
+        check = getattr(provider, "check", None)  # a provider may check its own options (an estimator's keywords)
+        if check is not None:
+            check(ref, path)
         return
     models = list_models()
     raise ConfigError(f"{path}.model: unknown model {ref.model!r}.{did_you_mean(ref.model, models)} "
@@ -540,10 +547,12 @@ def check_names(cfg: ExperimentConfig) -> None:
     """Validate every registry name and option of the core sections (models, data set, training, the ``distill``
     recipe); sections check their own in ``check_with``."""
     from hpmkd.data import AUGMENTATIONS, DATASETS
+    from hpmkd.data.base import absolute_paths
     from hpmkd.pipelines import PIPELINES
 
     PIPELINES.get(cfg.pipeline, "pipeline")
     DATASETS.check_options(cfg.data.name, cfg.data.options, "data.options")
+    cfg.data.options = absolute_paths(cfg.data.name, cfg.data.options)
     AUGMENTATIONS.get(cfg.data.augment, "data.augment")
     check_train(cfg.train, "train")
     for i, teacher in enumerate(cfg.teachers):

@@ -3,9 +3,11 @@
 **Providers.** A teacher is anything that, given a batch, returns logits and, if asked, named features
 (:class:`TeacherProvider`). :data:`PROVIDERS` holds the kinds of teacher hpmkd can host, each able to say which model
 references it serves (:meth:`TeacherProvider.serves`), to read its weights file safely in the driver
-(:meth:`TeacherProvider.read`) and to be built from those weights wherever it runs (an actor, a worker, a test):
+(:meth:`TeacherProvider.read`), where its features are (``taps``) and how large it is before training (``size``,
+``None`` when unknown), and to be built from those weights wherever it runs (an actor, a worker, a test):
 ``torch`` (:class:`TorchTeacher`) serves every :func:`hpmkd.models.create_model` name, trained here or given as a
-checkpoint; a non-torch teacher (a scikit-learn estimator) is one more registered provider. :func:`provider_for`
+checkpoint; ``sklearn`` (:mod:`hpmkd.estimator_teacher`) serves fitted scikit-learn and boosting
+estimators. :func:`provider_for`
 finds the provider of a :class:`~hpmkd.models.ref.ModelRef`.
 
 **Sources.** A :class:`TeacherSource` is asked for a batch *before* the student needs it (``request`` returns a
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from hpmkd.distill_batch import TeacherOutputs
+from hpmkd.distill_batch import ModelTaps, TeacherOutputs
 from hpmkd.features import FeatureTaps
 from hpmkd.models import is_model
 from hpmkd.models.ref import DataShape, ModelRef
@@ -72,6 +74,14 @@ class TorchTeacher:
         return is_model(ref.model)
 
     @staticmethod
+    def taps(ref: ModelRef, shape: DataShape) -> ModelTaps:
+        return ref.taps(shape)
+
+    @staticmethod
+    def size(ref: ModelRef, shape: DataShape) -> int | None:
+        return ref.count_params(shape)
+
+    @staticmethod
     def read(path: str) -> Any:
         """The predictor payload in ``path`` (``torch.load(weights_only=True)``; a ``model.pt`` or ``state.pt``)."""
         return read_predictor_payload(path)
@@ -103,6 +113,17 @@ def provider_for(ref: ModelRef, path: str = "model") -> Any:
             return provider
     raise ConfigError(f"{path}: no teacher provider serves model {ref.model!r} (providers: "
                       f"{', '.join(PROVIDERS.names())}). See `hpmkd models` for the names hpmkd can build.")
+
+
+def teacher_taps(ref: ModelRef, shape: DataShape) -> ModelTaps:
+    """Where a teacher's features are (a provider without features gives empty taps)."""
+    return provider_for(ref).taps(ref, shape)
+
+
+def teacher_size(ref: ModelRef, shape: DataShape) -> int | None:
+    """A teacher's parameter count before it is trained; ``None`` when only the fitted model knows it (an
+    estimator)."""
+    return provider_for(ref).size(ref, shape)
 
 
 def load_teacher(spec: TeacherSpec, path: str) -> TeacherProvider:

@@ -36,7 +36,7 @@ from hpmkd.models.ref import ModelRef
 from hpmkd.models.state import state_digest
 from hpmkd.optim import lr_factor, make_optimizer
 from hpmkd.selection import SELECTION_KEY, SELECTIONS, Selection
-from hpmkd.teachers import TeacherSource, frozen
+from hpmkd.teachers import TeacherSource, frozen, teacher_taps
 from hpmkd.temperature import ScheduleState
 
 
@@ -266,7 +266,7 @@ def make_objective(spec: StageSpec, model: nn.Module, splits: DataSplits) -> nn.
         num_train=len(splits.train),
         input_shape=splits.input_shape,
         student_taps=model_taps(model),
-        teacher_taps=[m.taps(splits.shape) for m in spec.teacher_models],
+        teacher_taps=[teacher_taps(m, splits.shape) for m in spec.teacher_models],
     )
 
 

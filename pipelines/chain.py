@@ -33,6 +33,7 @@ from hpmkd.data.loading import data_shape
 from hpmkd.models.ref import DataShape, ModelRef
 from hpmkd.pipelines.registry import PIPELINES, baseline_stages, distill_stage, teacher_stages
 from hpmkd.registry import ConfigError, did_you_mean
+from hpmkd.teachers import teacher_size
 
 log = logging.getLogger("hpmkd")
 
@@ -80,9 +81,17 @@ def plan_for(cfg: ExperimentConfig) -> ChainPlan:
     num_classes, input_shape = data_shape(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.options)
     shape = DataShape(num_classes, input_shape)
     candidates = [t.ref for t in cfg.teachers if cfg.chain.plan_from in (None, t.name)]
-    teacher = max(candidates, key=lambda m: m.count_params(shape))
+    sized = [(size, ref) for ref in candidates if (size := teacher_size(ref, shape)) is not None]
     if cfg.chain.assistants is not None:
+        teacher = max(sized, key=lambda s: s[0])[1] if sized else candidates[0]
         return describe_chain(teacher, cfg.chain.assistants, cfg.student.ref, shape=shape, max_gap=cfg.chain.max_gap)
+    if not sized:
+        names = [t.name for t in cfg.teachers if cfg.chain.plan_from in (None, t.name)]
+        raise ConfigError(f"chain.assistants: the chain is planned from a teacher's parameter count, and the size of "
+                          f"{', '.join(names)} (an estimator) is known only once fitted. Give the assistants by hand, "
+                          f"e.g. chain.assistants: [{{model: mlp, options: {{hidden: 256, depth: 2}}}}], or [] to "
+                          f"distil directly, or plan from a PyTorch teacher with chain.plan_from.")
+    teacher = max(sized, key=lambda s: s[0])[1]
     return plan_chain(teacher, cfg.student.ref, shape=shape, max_gap=cfg.chain.max_gap, scale=cfg.chain.scale,
                       max_steps=cfg.chain.max_steps)
 

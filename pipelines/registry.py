@@ -11,7 +11,7 @@ from hpmkd.components.graph import Stage
 from hpmkd.components.stage_params import Distill, LoadTeacher, TrainModel
 from hpmkd.config import ExperimentConfig, Recipe
 from hpmkd.registry import Registry
-from hpmkd.teachers import choose_source
+from hpmkd.teachers import choose_source, provider_for
 
 PIPELINES: Registry[list[Stage]] = Registry("pipeline")
 
@@ -21,16 +21,26 @@ def worker_cpus(cfg: ExperimentConfig) -> float:
     return cfg.ray.num_workers * cfg.ray.cpus_per_worker
 
 
+#: teacher provider kind (:data:`hpmkd.teachers.PROVIDERS`) -> ``(cfg, index) -> Stage``: the stage that makes
+#: teacher ``index`` (``sklearn``: :mod:`hpmkd.pipelines.tabular`)
+TEACHER_STAGES: Registry[Stage] = Registry("teacher stage")
+
+
+@TEACHER_STAGES.register("torch")
+def torch_teacher_stage(cfg: ExperimentConfig, index: int) -> Stage:
+    """A PyTorch teacher: trained (``train_teacher``) or loaded from its checkpoint (``load_teacher``)."""
+    t = cfg.teachers[index]
+    if t.checkpoint:
+        params, cpus = LoadTeacher(t.name, t.ref, t.checkpoint), 0.0
+    else:
+        params, cpus = TrainModel(t.ref, cfg.teacher_train(index), teacher=t.name), worker_cpus(cfg)
+    return Stage(f"teacher_{t.name}", params, cpus=cpus)
+
+
 def teacher_stages(cfg: ExperimentConfig) -> list[Stage]:
-    """One stage per teacher: trained (``train_teacher``) or loaded from its checkpoint (``load_teacher``)."""
-    stages = []
-    for i, t in enumerate(cfg.teachers):
-        if t.checkpoint:
-            params, cpus = LoadTeacher(t.name, t.ref, t.checkpoint), 0.0
-        else:
-            params, cpus = TrainModel(t.ref, cfg.teacher_train(i), teacher=t.name), worker_cpus(cfg)
-        stages.append(Stage(f"teacher_{t.name}", params, cpus=cpus))
-    return stages
+    """One stage per teacher, made by its provider's kind of stage (:data:`TEACHER_STAGES`)."""
+    return [TEACHER_STAGES.get(provider_for(t.ref).kind, f"teachers.{i}.model")(cfg, i)
+            for i, t in enumerate(cfg.teachers)]
 
 
 def baseline_stages(cfg: ExperimentConfig) -> list[Stage]:

@@ -31,6 +31,9 @@ from hpmkd.pipelines.summary import summarise
 
 log = logging.getLogger("hpmkd")
 
+#: the parent run's record of a table's preprocessing (:meth:`hpmkd.data.table.TablePreprocessing.record`)
+PREPROCESSING_FILE = "preprocessing.json"
+
 
 class ExperimentFailedError(RuntimeError):
     """A stage failed; ``summary`` holds what finished (those stages stay recorded as FINISHED)."""
@@ -72,13 +75,17 @@ def run_experiment(
     ) as parent, orphans.heartbeat(tracker.client, parent):
         tracker.log_params(parent, cfg.as_dict())
         tracker.log_text(parent, yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
+        if splits.preprocessing is not None:  # a table's fitted preprocessing: what turns raw rows into inputs
+            tracker.log_dict(parent, splits.preprocessing, PREPROCESSING_FILE)
         out_dir = inside(out_root, safe_name(cfg.experiment), parent)
         ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_dir)
         results, error = run_graph(stages, lambda s, inputs: execute(s, ctx, inputs), resources.get("CPU", 1.0), cfg.ray.parallel)
         summary = summarise(cfg, stages, results, parent, tracking_uri, time.perf_counter() - began)
-        tracker.log_metrics(parent, {k: summary[k] for k in ("retention", "compression", "wall_s") if summary.get(k) is not None})
+        tracker.log_metrics(parent, {k: summary[k] for k in ("retention", "auc_retention", "compression", "wall_s")
+                                     if summary.get(k) is not None})
         if summary["student"]:
-            tracker.log_metrics(parent, {"student_test_acc": summary["student"]["test_acc"]})
+            tracker.log_metrics(parent, {f"student_{k}": summary["student"][k] for k in ("test_acc", "test_auc")
+                                         if k in summary["student"]})
         tracker.log_dict(parent, summary, "results.json")
         if output:
             Path(output).write_text(json.dumps(summary, indent=2))

@@ -1,7 +1,8 @@
 """The results of one experiment run: the JSON written by ``--output`` and the table printed at the end.
 
 Retention is the distilled student's test accuracy over the best teacher's; compression is the best teacher's
-parameter count over the student's (DESIGN.md: both on the same test set, parameter-count ratio).
+parameter count over the student's (DESIGN.md: both on the same test set, parameter-count ratio); AUC retention is
+the student's test ROC-AUC over the best teacher's (the tabular distillation study's measure, arXiv 2605.18702).
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ def summarise(
     for r in rows:
         if r.kind in TEACHER_KINDS and r.status == "FINISHED":
             teachers.append({"name": r.artifact.name, "model": r.artifact.model.model, "params": r.artifact.params,
-                             "test_acc": r.metrics["test_acc"]})
+                             "test_acc": r.metrics["test_acc"], **auc_of(r)})
     # the student is the graph's last distillation stage (a chain's assistants come before it); none if it failed
     finals = [r for r in rows if r.kind in STUDENT_KINDS]
     student = None
     if finals and finals[-1].status == "FINISHED":
         last = finals[-1]
         student = {"model": last.artifact.model.model, "params": last.artifact.params,
-                   "test_acc": last.metrics["test_acc"], "val_acc": last.metrics["val_acc"], "stage": last.name}
+                   "test_acc": last.metrics["test_acc"], "val_acc": last.metrics["val_acc"], "stage": last.name,
+                   **auc_of(last)}
     alone = next((r for r in rows if r.kind == "train_student" and r.status == "FINISHED"), None)
     best = max(teachers, key=lambda t: t["test_acc"]) if teachers else None
+    best_auc = max((t["test_auc"] for t in teachers if "test_auc" in t), default=None)
     return {
         "experiment": cfg.experiment,
         "pipeline": cfg.pipeline,
@@ -56,9 +59,15 @@ def summarise(
         "student_alone": None if alone is None else {"model": alone.artifact.model.model, "params": alone.artifact.params,
                                                      "test_acc": alone.metrics["test_acc"], "val_acc": alone.metrics["val_acc"]},
         "retention": student["test_acc"] / best["test_acc"] if student and best else None,
+        "auc_retention": student["test_auc"] / best_auc if student and "test_auc" in student and best_auc else None,
         "compression": best["params"] / student["params"] if student and best else None,
         "config_manager": config_manager(rows),
     }
+
+
+def auc_of(result: StageResult) -> dict[str, float]:
+    """``{"test_auc": ...}`` when the stage recorded one (:mod:`hpmkd.metrics`)."""
+    return {"test_auc": result.metrics["test_auc"]} if "test_auc" in result.metrics else {}
 
 
 def config_manager(rows: list[StageResult]) -> dict[str, Any] | None:
@@ -87,6 +96,8 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("retention") is not None:
         lines.append(f"retention (student / best teacher test acc): {summary['retention']:.3f}   "
                      f"compression (best teacher / student params): {summary['compression']:.1f}x")
+    if summary.get("auc_retention") is not None:
+        lines.append(f"AUC retention (student / best teacher test ROC-AUC): {summary['auc_retention']:.3f}")
     if summary.get("student") and summary.get("student_alone"):
         gain = summary["student"]["test_acc"] - summary["student_alone"]["test_acc"]
         lines.append(f"distilled student vs student alone: {gain * 100:+.2f} points test accuracy")

@@ -10,10 +10,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import hpmkd, ray, mlflow, torch, torchvision, pytest" 2>/dev/null; then
-  echo "[setup] installing packages (torch 2.14.1, torchvision 0.29.1, ray 2.60.0, mlflow 3): a few minutes"
+if ! "$VENV/bin/python" -c "import hpmkd, ray, mlflow, torch, torchvision, pytest, skops, lightgbm, xgboost, catboost" 2>/dev/null; then
+  echo "[setup] installing packages (torch 2.14.1, torchvision 0.29.1, ray 2.60.0, mlflow 3, skops, boosters): a few minutes"
   "$VENV/bin/pip" install -q --upgrade pip wheel setuptools
-  "$VENV/bin/pip" install -q -e ".[test,tune]"
+  "$VENV/bin/pip" install -q -e ".[test,tune,boosting]"
 fi
 
 # Fashion-MNIST: the Debian package where apt exists; otherwise torchvision's download at first run

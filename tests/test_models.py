@@ -15,7 +15,7 @@ from hpmkd.models import MODELS, count_params, create_model, list_models, load_s
 from hpmkd.models.cnn import blocks_per_stage
 from hpmkd.models.factory import torchvision_models
 from hpmkd.models.tv import InputResize, TorchvisionNet, fresh_head, replace_module, stage_taps_from_events
-from hpmkd.registry import ConfigError
+from hpmkd.registry import ConfigError, user_options
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 NUM_CLASSES = 7
@@ -31,8 +31,8 @@ def one_thread():
 
 
 def check_model(model: nn.Module, shape: tuple[int, ...], image: bool) -> None:
-    """Forward a batch of 2; every tap resolves; stage maps are 4-D (images) or [B, D] (MLP); the classifier applied
-    to the flattened embedding gives the logits."""
+    """Forward a batch of 2; every tap resolves; stage maps are 4-D (images) or [B, D] (flat-input models); the
+    classifier applied to the flattened embedding gives the logits."""
     torch.manual_seed(0)
     model.eval()
     taps = model_taps(model)
@@ -40,7 +40,7 @@ def check_model(model: nn.Module, shape: tuple[int, ...], image: bool) -> None:
     with torch.no_grad(), FeatureTaps(model, names) as feats:
         logits = model(torch.randn(2, *shape))
     assert logits.shape == (2, NUM_CLASSES)
-    assert taps.feature_taps, "every zoo model declares stage taps"
+    assert taps.feature_taps or not image, "every image model declares stage taps (logistic regression has none)"
     for name in taps.feature_taps:
         assert feats[name].dim() == (4 if image else 2) and feats[name].shape[0] == 2, name
     assert torch.equal(feats[taps.classifier_tap], logits)
@@ -53,7 +53,8 @@ def check_model(model: nn.Module, shape: tuple[int, ...], image: bool) -> None:
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_registered_model_runs_with_working_taps(name, shape):
     model = create_model(name, num_classes=NUM_CLASSES, in_channels=shape[0], input_shape=shape)
-    check_model(model, shape, image=name != "mlp")
+    flat = "input_shape" in (user_options(MODELS.get(name), ()) or ())  # mlp, logistic_regression, tabular_resnet
+    check_model(model, shape, image=not flat)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["1x28x28", "3x32x32"])

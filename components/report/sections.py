@@ -173,6 +173,31 @@ def temperature_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
             + image(path, "temperature over training"))
 
 
+#: per-stage test metrics the report tabulates (columns shown when some stage recorded them): title, metric, scale
+STAGE_METRICS = (("accuracy (%)", "test_acc", 100.0), ("ROC-AUC", "test_auc", 1.0), ("log loss", "test_loss", 1.0),
+                 ("Brier", "test_brier", 1.0), ("ECE", "test_ece", 1.0))
+
+
+@section("Test metrics per stage")
+def stage_metrics_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
+    """Each finished model stage's test metrics (accuracy, ROC-AUC, log loss, Brier, ECE), and its ROC-AUC over the
+    best teacher's of the same pipeline run (AUC retention)."""
+    rows, shown = [], [m for m in STAGE_METRICS if any(m[1] in s.metrics for _, s in exp.stages())]
+    for p, s in exp.stages():
+        if s.status != "FINISHED" or "test_acc" not in s.metrics:
+            continue
+        teachers = [t.metrics["test_auc"] for t in p.stages if t.role == "teacher" and "test_auc" in t.metrics]
+        retention = s.metrics["test_auc"] / max(teachers) if teachers and "test_auc" in s.metrics else None
+        rows.append([p.label, s.name, s.role, *(f"{s.metrics[k] * scale:.4f}" if k in s.metrics else "-"
+                                                for _, k, scale in shown),
+                     "-" if retention is None else f"{retention:.3f}"])
+    if not rows:
+        return "No finished stage recorded test metrics."
+    return ("Test metrics of every finished model stage (`test_<metric>` in MLflow); AUC retention is the stage's "
+            "ROC-AUC over the best teacher's of the same pipeline run.\n\n"
+            + markdown_table(["pipeline run", "stage", "role", *(t for t, _, _ in shown), "AUC retention"], rows))
+
+
 @section("Stage timeline")
 def timeline_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
     pipelines, note = newest([p for p in exp.pipelines if p.stages], MAX_TIMELINE_RUNS)

@@ -41,6 +41,8 @@ def metric(key: str) -> Callable[[PipelineRecord], float | None]:
 COLUMNS = (
     Column("student test acc (%)", metric("student_test_acc"), scale=100, digits=2),
     Column("retention", metric("retention")),
+    Column("student test AUC", metric("student_test_auc")),
+    Column("AUC retention", metric("auc_retention")),
     Column("compression (×)", metric("compression"), digits=1),
     Column("wall (s)", lambda p: p.wall_s, digits=1),
 )

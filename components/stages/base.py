@@ -153,8 +153,11 @@ def reuse(ctx: ExperimentContext, stage: Stage, kind: StageKind, run_id: str) ->
     artifact = None
     if saved["artifact"] is not None:
         artifact = from_dict(ModelArtifact, saved["artifact"], "artifact")
-        # logged under its own file name (model.pt, or a loaded teacher's checkpoint file)
+        # logged under its own file name (model.pt, or a loaded teacher's checkpoint file), as its stored outputs
         artifact = replace(artifact, path=ctx.tracker.download(run_id, f"checkpoint/{Path(artifact.path).name}", folder))
+        if artifact.train_outputs is not None:
+            artifact = replace(artifact, train_outputs=ctx.tracker.download(
+                run_id, f"checkpoint/{Path(artifact.train_outputs).name}", folder))
     record = None
     if saved["record"] is not None and kind.record_type is not None:
         record = from_dict(kind.record_type, saved["record"], "record")

@@ -21,4 +21,5 @@ class ChainPlanKind(StageKind):
         ctx.tracker.log_dict(run.run_id, plan, "chain_plan.json")
         ctx.tracker.log_text(run.run_id, f"{plan['table']}\n\n{plan['why']}\n", "chain_plan.txt")
         sizes = [m["params"] for m in plan["models"]]
-        return StageOutcome({"steps": float(plan["steps"]), "compression": sizes[0] / sizes[-1]})
+        known = {"compression": sizes[0] / sizes[-1]} if sizes[0] is not None else {}  # an estimator's: unknown
+        return StageOutcome({"steps": float(plan["steps"]), **known})

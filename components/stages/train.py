@@ -16,6 +16,7 @@ from hpmkd.components.stage_params import TEACHER_KINDS, LoadTeacher, TrainModel
 from hpmkd.components.stage_runner import run_training_stage
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
                                          storage_name)
+from hpmkd.components.table_model import log_table_model
 from hpmkd.models.ref import ModelRef
 from hpmkd.predictors import SingleModel, load_predictor
 from hpmkd.evaluation import evaluate, predict, test_metrics
@@ -62,11 +63,14 @@ def selected(metrics: dict[str, float]) -> dict[str, float]:
 
 def record_model(ctx: ExperimentContext, run_id: str, model: ModelRef, model_path: Path, state_path: Path | None,
                  as_mlflow_model: bool) -> None:
-    """Log the checkpoint files, and with ``as_mlflow_model`` the predictor itself as an MLflow model."""
+    """Log the checkpoint files, and with ``as_mlflow_model`` the predictor itself as an MLflow model (for a table,
+    one that predicts from raw rows: :mod:`hpmkd.components.table_model`)."""
     ctx.tracker.log_artifact(run_id, model_path, "checkpoint")
     if state_path is not None:
         ctx.tracker.log_artifact(run_id, state_path, "checkpoint")
-    if as_mlflow_model:
+    if as_mlflow_model and ctx.splits.preprocessing is not None:  # a table: the exported model reads raw rows
+        log_table_model(ctx.tracker, run_id, str(model_path), model, ctx.splits)
+    elif as_mlflow_model:
         predictor = load_predictor(str(model_path), model, ctx.splits.shape)
         module = predictor.model if isinstance(predictor, SingleModel) else predictor
         ctx.tracker.log_model(run_id, module.eval(), ctx.splits.test.x[:2].numpy())

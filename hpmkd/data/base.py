@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 from torch import Tensor
@@ -57,6 +57,9 @@ class DataSplits:
 
     ``fingerprint`` is a sha256 prefix over the raw source arrays, the split indices and the preprocessing
     parameters (see :mod:`hpmkd.data.fingerprint`); ``source`` says where the raw data was read from.
+    ``preprocessing``: the statistics a table's preprocessing fitted on the training split
+    (:meth:`Preprocessing.record`), what turns raw rows into model inputs; ``None`` for data sets whose inputs need
+    no record beyond their constants (images).
     """
 
     name: str
@@ -68,6 +71,7 @@ class DataSplits:
     class_names: list[str]
     fingerprint: str
     source: str
+    preprocessing: dict[str, Any] | None = None
 
     @property
     def shape(self) -> DataShape:
@@ -96,6 +100,21 @@ class RawData:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     test_fraction: float = 0.2
+    fit_preprocessing: Callable[[np.ndarray], "Preprocessing"] | None = None
+
+
+class Preprocessing(Protocol):
+    """Raw rows -> model inputs, with statistics fitted on the training split only."""
+
+    def transform(self, rows: np.ndarray) -> np.ndarray:
+        """float32 model inputs of raw source rows."""
+
+    def params(self) -> dict[str, Any]:
+        """What enters the data fingerprint (the fitted statistics)."""
+
+    def record(self) -> dict[str, Any] | None:
+        """What a model exported with the run needs to encode raw rows itself (``None``: nothing beyond
+        constants)."""
 
 
 def search_dirs(root: str | None, *subdirs: str, system: str | None = None) -> list[Path]:
@@ -113,3 +132,11 @@ def where_searched(root: str | None, dirs: list[Path]) -> str:
     """One line saying where a data set was looked for (for not-found messages)."""
     given = f"data.root {root!r}" if root is not None else f"${DATA_ENV} and the system folder"
     return f"searched {given}: {', '.join(str(d) for d in dirs) or '(no folder: neither is set)'}"
+
+
+def absolute_paths(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of data set ``name`` with its file-path options (the factory's ``path_options``) made absolute
+    against the current folder, where the config is read (Ray workers run in other folders)."""
+    keys = getattr(DATASETS.get(name, "data.name"), "path_options", ())
+    return {k: (str(Path(v).expanduser().resolve()) if k in keys and isinstance(v, str) else v)
+            for k, v in options.items()}

@@ -3,7 +3,9 @@
 Normalisation is per channel (axis 1: image channels, or tabular features): ``x' = (x − μ_c) / σ_c`` with the data
 set's published constants when it has them (Fashion-MNIST, CIFAR), otherwise ``μ_c``, ``σ_c`` (population std)
 computed on the final training split only (our choice for data sets without published constants; a zero ``σ_c``
-is replaced by 1). Nothing is cached on disk.
+is replaced by 1). A table with its own preprocessing (``RawData.fit_preprocessing``: imputation, standardisation,
+one-hot categories, :mod:`hpmkd.data.table`) has it fitted on the final training split's raw rows instead. Nothing
+is cached on disk.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpmkd.data.base import DATASETS, DataSplits, RawData, Split
+from hpmkd.data.base import DATASETS, DataSplits, Preprocessing, RawData, Split
 from hpmkd.data.fingerprint import fingerprint
 from hpmkd.data.splits import SplitIndices, split_indices
 from hpmkd.registry import ConfigError, user_options
@@ -54,11 +56,10 @@ def load_dataset(
         max_test=max_test,
     )
     test_x, test_y = (raw.train_x, raw.train_y) if raw.test_x is None else (raw.test_x, raw.test_y)
-    train_x = raw.to_model(raw.train_x[idx.train])
-    mean, std = statistics(raw, train_x)
-    train = make_split(train_x, raw.train_y[idx.train], mean, std)
-    val = make_split(raw.to_model(raw.train_x[idx.val]), raw.train_y[idx.val], mean, std)
-    test = make_split(raw.to_model(test_x[idx.test]), test_y[idx.test], mean, std)
+    prep = fit_preprocessing(raw, raw.train_x[idx.train])
+    train = make_split(prep.transform(raw.train_x[idx.train]), raw.train_y[idx.train])
+    val = make_split(prep.transform(raw.train_x[idx.val]), raw.train_y[idx.val])
+    test = make_split(prep.transform(test_x[idx.test]), test_y[idx.test])
     params = {
         "seed": seed,
         "val_fraction": val_fraction,
@@ -66,9 +67,7 @@ def load_dataset(
         "max_train": max_train,
         "max_val": max_val,
         "max_test": max_test,
-        "preprocessing": raw.preprocessing,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
+        **prep.params(),
         **({"options": options} if options else {}),  # absent when empty: the fingerprint of every earlier run stays
     }
     return DataSplits(
@@ -81,6 +80,7 @@ def load_dataset(
         class_names=list(raw.class_names),
         fingerprint=fingerprint(name, source_and_indices(raw, idx), params),
         source=raw.source,
+        preprocessing=prep.record(),
     )
 
 
@@ -103,7 +103,8 @@ def data_shape(name: str, root: str | None = None, download: bool = False,
 @functools.lru_cache(maxsize=16)
 def cached_shape(name: str, root: str | None, download: bool, options: str) -> tuple[int, tuple[int, ...]]:
     raw = read_raw(name, root, download, json.loads(options))
-    return len(raw.class_names), tuple(int(d) for d in raw.to_model(raw.train_x[:1]).shape[1:])
+    first = raw.train_x[:1]  # a model input's shape does not depend on the fitted statistics
+    return len(raw.class_names), tuple(int(d) for d in fit_preprocessing(raw, first).transform(first).shape[1:])
 
 
 class LabelError(ValueError):
@@ -140,6 +141,34 @@ def check_arguments(val_fraction: float, **limits: int | None) -> None:
             raise ConfigError(f"data.{key}: must be a positive number of samples (or null for all), got {value}.")
 
 
+class ChannelNormalisation:
+    """``to_model`` then ``(x − μ_c) / σ_c`` per channel (axis 1): the data set's constants, or the training
+    split's (:func:`statistics`)."""
+
+    def __init__(self, raw: RawData, train_rows: np.ndarray):
+        self.raw = raw
+        self.mean, self.std = statistics(raw, raw.to_model(train_rows))
+
+    def transform(self, rows: np.ndarray) -> np.ndarray:
+        x = self.raw.to_model(rows)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - self.mean.astype(np.float32).reshape(shape)) / self.std.astype(np.float32).reshape(shape)
+
+    def params(self) -> dict[str, Any]:
+        return {"preprocessing": self.raw.preprocessing, "mean": [float(m) for m in self.mean],
+                "std": [float(s) for s in self.std]}
+
+    def record(self) -> None:
+        return None
+
+
+def fit_preprocessing(raw: RawData, train_rows: np.ndarray) -> Preprocessing:
+    """The data set's own preprocessing fitted on the training rows, or the per-channel normalisation."""
+    if raw.fit_preprocessing is not None:
+        return raw.fit_preprocessing(train_rows)
+    return ChannelNormalisation(raw, train_rows)
+
+
 def statistics(raw: RawData, train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``(μ, σ)``: the data set's constants, or the training split's (see module docstring)."""
     if raw.mean is not None and raw.std is not None:
@@ -150,9 +179,7 @@ def statistics(raw: RawData, train_x: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return mean, np.where(std > 0, std, 1.0)
 
 
-def make_split(x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> Split:
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    x = (x - mean.astype(np.float32).reshape(shape)) / std.astype(np.float32).reshape(shape)
+def make_split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)))
 
 
