@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpmkd.callbacks import Batch, Callback, LoopState, build_callbacks
