@@ -198,8 +198,9 @@ class Distiller(nn.Module):
             raise RuntimeError("Distiller.setup(first batch) must run before training (it builds the adapters).")
         batch, agg_terms = self.make_batch(x, y, index, teachers, self.schedule.current().detach(), **kwargs)
         loss, terms = self.objective(batch, agg_terms)
+        confidence = None if batch.confidence is None else batch.confidence.detach()
         return StepOutput(batch.student_logits, loss, {k: v.detach() for k, v in terms.items()},
-                          batch.teacher_weights.detach(), None if batch.confidence is None else batch.confidence.detach())
+                          batch.teacher_weights.detach(), confidence)
 
     def meta_step(
         self,

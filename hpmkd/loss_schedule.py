@@ -5,7 +5,8 @@ methods active in it (a list, or a mapping method -> multiplier of its ``distill
 phase does not name has weight 0 there (and is not computed, :class:`hpmkd.distiller.Distiller`). With ``S`` steps
 in the stage, phase ``k`` begins at step ``b_k = ⌈start_k · S⌉``; step ``s`` (0-based: the ``s``-th optimisation
 step) uses the last phase with ``b_k ≤ s``. With ``ramp > 0`` a weight that changes at ``b_k`` moves linearly from
-its previous phase's value to the new one over the next ``ramp · S`` steps.
+its previous phase's value to the new one over ``R = ramp · S`` steps: step ``b_k + j`` uses
+``m_{k−1} + (m_k − m_{k−1}) · min(1, (j + 1) / R)``.
 
 This is HumP-KD's multi-stage KD, "three distillation stages progressively activated across training" (Mainuddin,
 Tabassum, Shahid, Khan, arXiv 2606.14684; only the abstract is public, so the phases, their boundaries and the
@@ -85,10 +86,10 @@ class LossSchedule:
         now = self.phases[k].multipliers()
         values = {m: now.get(m, 0.0) for m in methods}
         ramp_steps = self.ramp * total_steps
-        if k == 0 or ramp_steps <= 0 or step - bounds[k] >= ramp_steps:
+        if k == 0 or ramp_steps <= 0 or step - bounds[k] + 1 >= ramp_steps:
             return values
         before = self.phases[k - 1].multipliers()
-        progress = (step - bounds[k]) / ramp_steps
+        progress = min(1.0, (step - bounds[k] + 1) / ramp_steps)
         return {m: before.get(m, 0.0) + (values[m] - before.get(m, 0.0)) * progress for m in methods}
 
 

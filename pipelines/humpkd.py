@@ -75,7 +75,8 @@ class HumpkdConfig:
 
     def check(self, path: str) -> None:
         if not 0 <= self.holdout < 1:
-            raise ConfigError(f"{join(path, 'holdout')}: a fraction of the training split in [0, 1), got {self.holdout}.")
+            raise ConfigError(f"{join(path, 'holdout')}: a fraction of the training split in [0, 1), got "
+                              f"{self.holdout}.")
         if self.meta and self.holdout == 0:
             raise ConfigError(f"{join(path, 'holdout')}: the Meta-MLP is fitted on rows the teachers did not train on; "
                               f"hold some out (e.g. 0.2) or set {join(path, 'meta')}: false.")

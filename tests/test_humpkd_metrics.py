@@ -71,7 +71,8 @@ def test_corruption_and_efficiency_metrics_run_the_predictor():
     assert out["test_gaussian_noise_3_acc"] == pytest.approx(acc)
     assert out["test_size_mb"] == pytest.approx((64 * 2 + 2) * 4 / 2**20)
     assert out["test_cpu_fps"] > 0
-    tabular = evaluation.test_metrics(clean, nn.Linear(3, 2), Split(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+    rows = Split(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    tabular = evaluation.test_metrics(clean, nn.Linear(3, 2), rows)
     assert not any(k.startswith(("test_gaussian", "test_motion")) for k in tabular)  # images only
 
 

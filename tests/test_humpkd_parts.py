@@ -156,8 +156,8 @@ def test_phase_boundaries_and_the_ramp():
     assert schedule.multipliers_at(11, 30, ["kd", "pkt"]) == {"kd": 1.0, "pkt": 0.5}
     assert schedule.multipliers_at(21, 30, ["kd", "pkt"]) == {"kd": 1.0, "pkt": 1.0}
     ramped = from_dict(LossSchedule, {**SCHEDULE, "ramp": 0.1}, "distill.schedule")  # 3 steps of 30
-    assert [ramped.multipliers_at(s, 30, ["pkt"])["pkt"] for s in (11, 12, 13, 14)] == pytest.approx(
-        [0.0, 0.5 / 3, 1.0 / 3, 0.5])
+    assert [ramped.multipliers_at(s, 30, ["pkt"])["pkt"] for s in (10, 11, 12, 13, 14)] == pytest.approx(
+        [0.0, 0.5 / 3, 1.0 / 3, 0.5, 0.5])
 
 
 @pytest.mark.parametrize("schedule, message", [

@@ -19,7 +19,8 @@ from hpmkd.predictors import SingleModel, load_predictor, save_predictor
 from hpmkd.teachers import load_teacher, TeacherSpec
 from hpmkd.training import StageEnv, StageSpec, train_stage
 
-MEMBERS = [{"model": "mlp", "options": {"hidden": 16, "depth": 1}}, {"model": "mlp", "options": {"hidden": 8, "depth": 2}}]
+MEMBERS = [{"model": "mlp", "options": {"hidden": 16, "depth": 1}},
+           {"model": "mlp", "options": {"hidden": 8, "depth": 2}}]
 SHAPE = DataShape(3, (4,))
 
 

@@ -337,7 +337,8 @@ class ImageFolderData:
             out[split] = ("train", taken)
         out["train"] = ("train", pool)
         limits = {"train": max_train, "val": max_val, "test": max_test}
-        return {split: (part, subset(rows, self.parts[part].labels[rows], limits[split], stream_rng(seed, f"max_{split}")))
+        return {split: (part, subset(rows, self.parts[part].labels[rows], limits[split],
+                                     stream_rng(seed, f"max_{split}")))
                 for split, (part, rows) in out.items()}
 
     def load_splits(self, name: str, *, seed: int, val_fraction: float, max_train: int | None, max_val: int | None,
@@ -396,8 +397,8 @@ def check_sizes(parts: dict[str, FolderPart], infos: dict[str, FileInfo], prepro
                 raise ConfigError(f"data.options.crop: {f} is {width}x{height} after resizing, smaller than the crop "
                                   f"{preprocess.crop[1]}x{preprocess.crop[0]}; set (or raise) data.options.resize.")
     first = files[0]
-    other = next((f for f in files if preprocess.output_size(infos[f].size) != preprocess.output_size(infos[first].size)),
-                 None)
+    size = preprocess.output_size(infos[first].size)
+    other = next((f for f in files if preprocess.output_size(infos[f].size) != size), None)
     if other is not None:
         sizes = ", ".join(f"{f}: {infos[f].size[0]}x{infos[f].size[1]}" for f in (first, other))
         raise ConfigError(f"data.options.resize: the images have different sizes ({sizes}) and the preprocessing does "

@@ -4,9 +4,9 @@
 
 ``z_m`` are the base teachers' logits (their architectures are ``members``: ``[{model, options}, ...]``, built with
 :func:`hpmkd.models.create_model`, frozen and always in eval mode); ``head`` is an MLP with ``depth`` hidden layers
-of ``hidden`` units (``depth`` ≥ 1; ReLU, optional dropout). One state dict holds the members' weights and the head's, so the
-ensemble is a torch model like any other: a ``model.pt`` predictor, served by the ``torch`` teacher provider, cached
-by its digest. Its feature taps are empty (it has no spatial features; feature methods read the base teachers) and
+of ``hidden`` units (``depth`` ≥ 1; ReLU, optional dropout). One state dict holds the members' weights and the
+head's, so the ensemble is a torch model like any other: a ``model.pt`` predictor, served by the ``torch`` teacher
+provider, cached by its digest. Its feature taps are empty (it has no spatial features; feature methods read the base teachers) and
 its embedding is the head's last hidden layer.
 
 Source: Mainuddin, Tabassum, Shahid, Khan, HumP-KD, arXiv 2606.14684 (abstract only: "Swin-Tiny, ViT-Base and their
