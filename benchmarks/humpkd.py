@@ -16,6 +16,7 @@ comparable on a busy machine.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 from pathlib import Path
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--tracking-uri")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[hpmkd %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     uri = args.tracking_uri or default_tracking_uri()
     rows: dict[str, list[dict]] = {}
     models: dict[str, tuple[ModelRef, str]] = {}  # seed 0: row -> (model, run id)
@@ -81,6 +83,7 @@ def main() -> None:
             rows.setdefault(row, []).append(stage_metrics(summary, "distill"))
             if seed == args.seeds[0]:
                 models[row] = (cfg.student.ref, stage_run(summary, "distill"))
+        print_table(rows, {}, args)  # F1 and tests so far (a long run can be stopped between seeds)
 
     cfg = load_config(args.config, [*args.overrides, f"seed={args.seeds[0]}"])
     splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
@@ -95,33 +98,40 @@ def main() -> None:
     for _ in range(ROUNDS):
         for row, predictor in predictors.items():
             fps[row].append(cpu_fps(predictor, image, threads=1, budget_s=1.0))
-    student_fps = statistics.median(fps[FULL])
+    print_table(rows, {row: (predictor, statistics.median(fps[row])) for row, predictor in predictors.items()}, args)
 
+
+def print_table(rows: dict[str, list[dict]], speed: dict[str, tuple[torch.nn.Module, float]],
+                args: argparse.Namespace) -> None:
+    """The table (with size and throughput when ``speed`` has them), then HumP-KD against plain KD and each part's
+    contribution."""
     alone = [r[METRICS["clean"]] for r in rows[ALONE]]
-    print(f"conf: {args.config} {' '.join(args.overrides)}; seeds {args.seeds}; macro-F1 mean ± std over seeds; "
-          f"p-values: clean macro-F1 against the student alone (Welch's t-test; Wilcoxon signed-rank, paired by seed)")
+    print(f"conf: {args.config} {' '.join(args.overrides)}; seeds {args.seeds[:len(alone)]}; macro-F1 mean ± std over "
+          f"seeds; p-values: clean macro-F1 against the student alone (Welch's t-test; Wilcoxon signed-rank, paired "
+          f"by seed)")
     print("| model | params | MB | CPU FPS (batch 1, 1 thread) | macro-F1 clean | Gaussian noise | motion blur | "
           "Welch p | Wilcoxon p | seeds better than alone |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    student_fps = speed[FULL][1] if FULL in speed else None
     for row, results in rows.items():
-        predictor = predictors[row]
-        params = sum(p.numel() for p in predictor.parameters())
-        student = row not in refs and row != ALONE
+        size = "| - | - | -"
+        if row in speed:
+            predictor, fps = speed[row]
+            size = (f"| {sum(p.numel() for p in predictor.parameters()):,} | {size_mb(predictor):.2f} | {fps:.1f} "
+                    f"({fps / student_fps:.2f}x)")
         tests = "| - | - | -"
-        if student:
+        if row not in (ALONE, "Meta-MLP") and not row.startswith("teacher "):
             cmp = compare_trials([r[METRICS["clean"]] for r in results], alone)
             tests = f"| {cmp.welch_p:.4f} | {cmp.wilcoxon_p:.4f} | {cmp.wins}/{cmp.trials}"
-        print(f"| {row} | {params:,} | {size_mb(predictor):.2f} | {statistics.median(fps[row]):.1f} "
-              f"({statistics.median(fps[row]) / student_fps:.2f}x) | "
-              + " | ".join(fmt([r[m] for r in results]) for m in METRICS.values()) + f" {tests} |")
+        print(f"| {row} {size} | " + " | ".join(fmt([r[m] for r in results]) for m in METRICS.values()) + f" {tests} |")
     full, plain = [r[METRICS["clean"]] for r in rows[FULL]], [r[METRICS["clean"]] for r in rows[PLAIN]]
     vs_plain = compare_trials(full, plain)
     print(f"HumP-KD against plain KD (clean macro-F1): Welch p = {vs_plain.welch_p:.4f}, Wilcoxon p = "
-          f"{vs_plain.wilcoxon_p:.4f}, better in {vs_plain.wins}/{vs_plain.trials} seeds")
+          f"{vs_plain.wilcoxon_p:.4f}, better in {vs_plain.wins}/{vs_plain.trials} seeds", flush=True)
     for part, row in ABLATED.items():
         drop = [f - a[METRICS["clean"]] for f, a in zip(full, rows[row])]
         print(f"contribution of {part}: {statistics.mean(drop) * 100:+.2f} macro-F1 points (HumP-KD minus "
-              f"without it, mean over seeds; {sum(d > 0 for d in drop)}/{len(drop)} seeds positive)")
+              f"without it, mean over seeds; {sum(d > 0 for d in drop)}/{len(drop)} seeds positive)", flush=True)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def test_both_configs_build_their_distillation_on_the_meta_device(path, shape):
                               num_train=100, input_shape=shape.input_shape, student_taps=student.taps,
                               teacher_taps=[r.taps(shape) for r in refs])
     taps = distiller.teacher_tap_names()
-    assert taps[-1] == [] and all(len(t) == 3 for t in taps[:2])  # the Meta-MLP has no spatial features
+    pairs = len(graph["distill"].params.recipe.distill.methods["hierarchical"]["pairs"])
+    assert taps[-1] == [] and all(len(t) == pairs for t in taps[:2])  # the Meta-MLP has no spatial features
     if path == FIRE:
         assert 4.9e6 < cfg.student.ref.count_params(shape) < 5.7e6  # MobileViT-S (4.94 M with a 1000-class head)
         assert cfg.ray.use_gpu and cfg.data.name == "image_folder"

@@ -82,8 +82,8 @@ def create_model(
             return TimmNet(timm_by_name[name], num_classes, in_channels, input_shape, **kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model {name!r} (timm) rejected its options {kwargs}: {err}") from err
-    hits = close_names(name, [*MODELS.names(), *tv_models, *timm_by_name], n=5)
-    hint = f" Did you mean {', '.join(repr(h) for h in hits)}?" if hits else ""
+    hits = [h for source in (MODELS.names(), tv_models, timm_by_name) for h in close_names(name, source, n=3)]
+    hint = f" Did you mean {', '.join(repr(h) for h in dict.fromkeys(hits))}?" if hits else ""
     raise ConfigError(f"unknown model {name!r}.{hint} `hpmkd models` lists every name (hpmkd's, torchvision's and "
                       f"timm's).")
 
