@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from mlflow import MlflowClient
 
 #: a stage's role in the report, by stage kind; kinds not listed produce distilled students
-STAGE_ROLES = {"train_teacher": "teacher", "load_teacher": "teacher", "train_student": "student alone"}
+STAGE_ROLES = {"train_teacher": "teacher", "load_teacher": "teacher", "meta_mlp": "teacher",
+               "train_student": "student alone"}
 DISTILLED = "distilled"
 TERMINAL_FAILURES = ("FAILED", "KILLED")
 
