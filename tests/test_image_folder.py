@@ -141,3 +141,19 @@ def test_a_stage_trains_from_the_streamed_folder(tmp_path):
     splits = load_dataset("image_folder", **data.loader_kwargs(0))
     assert result["data_fingerprint"] == splits.fingerprint and len(result["history"]) == 4
     assert math.isfinite(result["test_acc"]) and 0 <= result["test_macro_f1"] <= 1
+
+
+def test_a_models_own_preprocessing_sets_size_crop_and_normalisation(tmp_path):
+    pixels = write_folder(tmp_path, per_class=3, size=(30, 40))
+    splits = load(tmp_path, preprocessing="vit_base_patch16_224")  # timm: 224 px, crop_pct 0.9, mean = std = 0.5
+    assert splits.input_shape == (3, 224, 224)
+    preprocess = splits.train.preprocess
+    assert (preprocess.resize, preprocess.crop, preprocess.interpolation) == ((248,), (224, 224), "bicubic")
+    assert preprocess.mean == (0.5, 0.5, 0.5) and preprocess.std == (0.5, 0.5, 0.5)
+    path = splits.train.files[0]
+    resized = Image.fromarray(pixels[path]).resize((331, 248), Image.Resampling.BICUBIC)  # shorter side 248
+    left, top = (331 - 224) // 2, (248 - 224) // 2
+    expected = np.asarray(resized.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+    np.testing.assert_allclose(preprocess(path).numpy(), (expected.transpose(2, 0, 1) - 0.5) / 0.5, atol=1e-5)
+    with pytest.raises(ConfigError, match="preprocessing: 'cnn' is not a torchvision or timm model"):
+        load(tmp_path, preprocessing="cnn")
