@@ -92,7 +92,8 @@ def main() -> None:
     predictors = {}
     with tempfile.TemporaryDirectory() as folder:
         for row, (ref, run_id) in models.items():
-            path = client.download_artifacts(run_id, "checkpoint/model.pt", f"{folder}/{run_id}")
+            source = client.get_run(run_id).data.tags.get("reused_from", run_id)  # a reused stage's files
+            path = client.download_artifacts(source, "checkpoint/model.pt", f"{folder}/{run_id}")
             predictors[row] = load_predictor(path, ref, splits.shape).eval()
     fps: dict[str, list[float]] = {row: [] for row in predictors}
     for _ in range(ROUNDS):
