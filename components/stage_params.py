@@ -19,13 +19,14 @@ Records (a stage's kind-specific output besides its model): :class:`hpmkd.chain.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hpmkd.checkpoint import file_digest
 from hpmkd.components.graph import StageParams
 from hpmkd.config import Recipe, TrainConfig
 from hpmkd.config_schema import to_dict
+from hpmkd.data.holdout import HoldOut
 from hpmkd.models.ref import ModelRef
 from hpmkd.search_space import ConfigManagerConfig
 
@@ -36,11 +37,13 @@ TEACHER_KINDS = ("train_teacher", "load_teacher", "fit_teacher")
 
 @dataclass(frozen=True)
 class TrainModel(StageParams):
-    """Train ``model`` with cross-entropy: a teacher (``teacher`` is its name) or the student alone."""
+    """Train ``model`` with cross-entropy: a teacher (``teacher`` is its name) or the student alone. ``holdout``:
+    rows of the training split it does not train on (:mod:`hpmkd.data.holdout`)."""
 
     model: ModelRef
     train: TrainConfig
     teacher: str | None = None
+    holdout: HoldOut | None = None
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -48,7 +51,8 @@ class TrainModel(StageParams):
 
     def settings(self) -> dict[str, Any]:
         return {**({"teacher": self.teacher} if self.teacher else {}), "model": self.model.model,
-                "options": self.model.options, "train": to_dict(self.train)}
+                "options": self.model.options, "train": to_dict(self.train),
+                **({"holdout": asdict(self.holdout)} if self.holdout else {})}
 
 
 @dataclass(frozen=True)

@@ -252,11 +252,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from hpmkd.models import MODELS, list_models
+    from hpmkd.models import MODELS
+    from hpmkd.models.factory import timm_models, torchvision_models
 
-    ours = MODELS.names()
-    print("hpmkd models:", ", ".join(ours))
-    print("torchvision models:", ", ".join(n for n in list_models() if n not in ours))
+    print("hpmkd models:", ", ".join(MODELS.names()))
+    print("torchvision models:", ", ".join(sorted(torchvision_models())))
+    timm = sorted(timm_models())
+    print(f"timm models ({len(timm)}; options: timm's keyword arguments, e.g. img_size, patch_size, embed_dim, depth, "
+          f"width_factor; pretrained: true or checkpoint: PATH):", ", ".join(timm))
     from hpmkd.estimators import ESTIMATORS
 
     print("estimator teachers (docs/tabular.md):", ", ".join(ESTIMATORS.names()))

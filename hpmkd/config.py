@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hpmkd.config_schema import convert, from_dict, join, replace_path, set_path, to_dict
+from hpmkd.loss_schedule import LossSchedule
 from hpmkd.models.ref import ModelRef
 from hpmkd.registry import ConfigError, Registry, did_you_mean
 from hpmkd.safe_yaml import MAX_BYTES, load_yaml
@@ -187,7 +188,8 @@ class DistillConfig:
     augmented views per sample, regenerated from their seed, their outputs computed once; epoch ``e`` trains on
     view ``e mod bank_views``, see :mod:`hpmkd.data.views`), or ``auto`` (the fastest exact one, see
     ``components/teacher_outputs.py``). ``cache_features``: store the teacher features that feature methods read
-    too (otherwise those methods are served online).
+    too (otherwise those methods are served online). ``schedule``: which methods are active, with what weight, by
+    fraction of training (:mod:`hpmkd.loss_schedule`; ``null``: every method at its weight throughout).
     """
 
     ce_weight: float = 0.1
@@ -202,6 +204,7 @@ class DistillConfig:
     cache_features: bool = False
     cache_dtype: Literal["float16", "float32"] = "float16"
     cache_top_k: int | None = None
+    schedule: LossSchedule | None = None
 
     def check(self, path: str) -> None:
         non_negative(path, ce_weight=self.ce_weight)
@@ -221,6 +224,8 @@ class DistillConfig:
         if "schedule" not in self.temperature:
             raise ConfigError(f"{join(path, 'temperature')}: needs a schedule, e.g. temperature: {{schedule: fixed, T: 4}}.")
         positive(path, meta_interval=self.meta_interval, cache_top_k=self.cache_top_k, bank_views=self.bank_views)
+        if self.schedule is not None:
+            self.schedule.check_methods(list(self.methods), join(path, "schedule"))
 
     def method_options(self) -> dict[str, tuple[float, dict[str, Any]]]:
         """``{loss name: (weight, options without weight)}``."""
@@ -313,9 +318,11 @@ class Recipe:
 
     def settings(self) -> dict[str, Any]:
         """What defines the recipe (logged as params, hashed into content keys): ``train`` and ``distill`` (without
-        its ``train`` overrides, already in ``train``, and ``baseline``, a pipeline choice)."""
-        return {"train": to_dict(self.train),
-                "distill": {k: v for k, v in to_dict(self.distill).items() if k not in ("train", "baseline")}}
+        its ``train`` overrides, already in ``train``, and ``baseline``, a pipeline choice; without ``schedule`` when
+        there is none, so the keys of stages recorded before schedules existed stay)."""
+        distill = {k: v for k, v in to_dict(self.distill).items()
+                   if k not in ("train", "baseline") and not (k == "schedule" and v is None)}
+        return {"train": to_dict(self.train), "distill": distill}
 
 
 #: top-level section name -> its dataclass (see the module docstring)
@@ -324,7 +331,8 @@ SECTIONS: Registry[Any] = Registry("config section")
 #: pipelines, teacher providers, test metrics. :func:`load_plugins` imports them before a config is read, before a
 #: teacher is built (:func:`hpmkd.teachers.provider_for`) and before test metrics are computed; add a module here
 #: when it registers such an entry and nothing else imports it.
-PLUGIN_MODULES = ("hpmkd.pipelines", "hpmkd.estimator_teacher", "hpmkd.metrics")
+PLUGIN_MODULES = ("hpmkd.pipelines", "hpmkd.estimator_teacher", "hpmkd.metrics", "hpmkd.f1", "hpmkd.corruptions",
+                  "hpmkd.efficiency")
 
 
 @dataclass

@@ -64,6 +64,9 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     """Check ``value`` against type ``tp`` (converting ints to floats and nested mappings to dataclasses)."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
+        nested = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(nested) == 1:  # a section or null: the section's own error names its key
+            return from_dict(nested[0], value, path)
         errors = []
         for option in get_args(tp):
             try:

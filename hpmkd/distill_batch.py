@@ -53,6 +53,8 @@ class DistillBatch:
     ``teacher_weights`` ``[B, M]`` rows sum to 1 (uniform when there is a single teacher).
     ``temperature`` is a 0-dim tensor; it requires grad when a meta-learned schedule is being differentiated.
     ``reference_logits`` are the frozen previous-stage student's logits (SMSKD), ``None`` otherwise.
+    ``confidence`` ``[B]`` in ``(0, 1]``: the aggregator's per-sample confidence in its target (the ``variance``
+    aggregator's consensus confidence), which scales the ``kd`` term; ``None`` (every other aggregator) means 1.
     """
 
     x: Tensor
@@ -67,6 +69,7 @@ class DistillBatch:
     epoch: int = 0
     total_epochs: int = 1
     reference_logits: Tensor | None = None
+    confidence: Tensor | None = None
 
 
 @dataclass(frozen=True)

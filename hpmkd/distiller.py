@@ -4,7 +4,8 @@ The distiller computes, for one batch,
 
     L = ce_weight · CE(z_S, y) + Σ_k weight_k · Σ_j ℓ_{k,j} + Σ_a r_a
 
-where ``k`` runs over the recipe's KD methods (each returns named terms ``ℓ_{k,j}``, see :mod:`hpmkd.losses`), and
+where ``k`` runs over the recipe's KD methods (each returns named terms ``ℓ_{k,j}``, see :mod:`hpmkd.losses`; a
+method whose weight is 0, e.g. switched off by the stage schedule :mod:`hpmkd.loss_schedule`, is not computed), and
 ``r_a`` are the aggregator's own terms (for instance the attention ensemble's entropy regulariser, already weighted by
 its coefficient, see :mod:`hpmkd.ensemble`). The temperature comes from the recipe's schedule
 (:mod:`hpmkd.temperature`); a meta-learned schedule is updated by :meth:`Distiller.meta_step` from a validation batch.
@@ -37,6 +38,7 @@ class StepOutput:
     loss: Tensor
     terms: dict[str, Tensor]
     teacher_weights: Tensor | None = None
+    confidence: Tensor | None = None
 
 
 class CrossEntropyObjective(nn.Module):
@@ -169,6 +171,7 @@ class Distiller(nn.Module):
             epoch=epoch,
             total_epochs=total_epochs,
             reference_logits=reference_logits,
+            confidence=agg.confidence,
         )
         return batch, {f"aggregator.{k}": v for k, v in agg.terms.items()}
 
@@ -178,6 +181,8 @@ class Distiller(nn.Module):
         loss = self.ce_weight * ce
         terms = {"ce": ce}
         for name, method in self.methods.items():
+            if self.method_weights[name] == 0:
+                continue
             for term, value in method(batch).items():
                 terms[f"{name}.{term}"] = value
                 loss = loss + self.method_weights[name] * value
@@ -193,7 +198,9 @@ class Distiller(nn.Module):
             raise RuntimeError("Distiller.setup(first batch) must run before training (it builds the adapters).")
         batch, agg_terms = self.make_batch(x, y, index, teachers, self.schedule.current().detach(), **kwargs)
         loss, terms = self.objective(batch, agg_terms)
-        return StepOutput(batch.student_logits, loss, {k: v.detach() for k, v in terms.items()}, batch.teacher_weights.detach())
+        confidence = None if batch.confidence is None else batch.confidence.detach()
+        return StepOutput(batch.student_logits, loss, {k: v.detach() for k, v in terms.items()},
+                          batch.teacher_weights.detach(), confidence)
 
     def meta_step(
         self,

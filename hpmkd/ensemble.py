@@ -215,8 +215,9 @@ class VarianceWeights(Aggregator):
 
     The teacher nearest the consensus gets the largest weight. The weights are detached (a weighting heuristic,
     not learned: our choice). ``c`` is returned as :attr:`AggregateOut.confidence` (``[B]``, detached, in
-    ``(0, 1]``) for a KD loss that implements ``L_UKD = τ² · mean_i c_i · KL(q*_i || σ(z_S,i / τ))``; it is not
-    mixed into the weights, whose rows must sum to 1.
+    ``(0, 1]``); the distiller hands it to the KD methods (:attr:`hpmkd.distill_batch.DistillBatch.confidence`) and
+    ``kd`` scales each sample's term by it, which makes ``L_UKD = τ² · mean_i c_i · KL(q*_i || σ(z_S,i / τ))``. It is
+    not mixed into the weights, whose rows must sum to 1.
 
     Options: ``kappa`` (κ, default 0.1), ``nu`` (ν, default 0.1), ``tau`` (τ; ``None``, the default, uses the
     step's temperature, our choice).

@@ -1,10 +1,13 @@
 """Measuring a predictor on a split: accuracy and NLL for model selection (:func:`evaluate`), and the registered test
 metrics every final stage records once, for its selected predictor (:func:`test_metrics`).
 
-A test metric is an entry of :data:`METRICS`: ``metric(predictions) -> {name: value}`` on the predictor's log
-predictive distribution over the whole split (:class:`Predictions`); the stage records each value as
-``test_<name>``. Calibration, uncertainty, F1 or AUC metrics are one registered entry each; an entry may decline a
-task (return ``{}``, e.g. a binary-only metric on ten classes).
+A test metric is an entry of :data:`METRICS`: ``metric(**context) -> {name: value}``; the stage records each value
+as ``test_<name>``. The context an entry may declare (as keyword arguments; it gets only those it declares) is
+``predictions``, the predictor's log predictive distribution over the whole split (:class:`Predictions`), and, for
+metrics that run the predictor again (on corrupted copies of the split, or to time it), ``predictor``, ``split``
+(the test :class:`~hpmkd.data.source.BatchSource`), ``batch_size`` and ``device``. Calibration, uncertainty, F1,
+AUC, robustness or speed metrics are one registered entry each; an entry may decline a task (return ``{}``, e.g. a
+binary-only metric on ten classes, or an image corruption on tabular rows).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class Predictions:
         return int(self.log_probs.shape[1])
 
 
-METRICS: Registry[Callable[[Predictions], dict[str, float]]] = Registry("metric", context=("predictions",))
+METRICS: Registry[Callable[..., dict[str, float]]] = Registry(
+    "metric", context=("predictions", "predictor", "split", "batch_size", "device"))
 
 
 @torch.no_grad()
@@ -69,14 +73,18 @@ def predict(predictor: nn.Module, split: BatchSource, batch_size: int, device: t
     return Predictions(torch.cat(log_probs), torch.cat(labels))
 
 
-def test_metrics(predictions: Predictions) -> dict[str, float]:
-    """Every registered metric on ``predictions``, as ``test_<name>``."""
+def test_metrics(predictions: Predictions, predictor: nn.Module | None = None, split: BatchSource | None = None,
+                 batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every registered metric, as ``test_<name>``, on ``predictions`` (and, for the metrics that need them, the
+    ``predictor`` and the test ``split`` they came from; without them those metrics give nothing)."""
     from hpmkd.config import load_plugins  # metrics registered by plugin modules
 
     load_plugins()
+    context = {"predictions": predictions, "predictor": predictor, "split": split, "batch_size": batch_size,
+               "device": torch.device(device)}
     out: dict[str, float] = {}
     for name in METRICS.names():
-        out.update({f"test_{k}": float(v) for k, v in METRICS.get(name)(predictions=predictions).items()})
+        out.update({f"test_{k}": float(v) for k, v in METRICS.build(name, {}, "metric", **context).items()})
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from hpmkd.callbacks import Batch, Callback, LoopState, build_callbacks
 from hpmkd.config import DataConfig, DistillConfig, TrainConfig
 from hpmkd.data import DataSplits, augment, load_dataset
+from hpmkd.data.holdout import HoldOut
 from hpmkd.data.views import ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.distiller import CrossEntropyObjective, Distiller, StepOutput
@@ -54,6 +55,8 @@ class StageSpec:
     ``reference_logits`` (the ``reference`` loss of SMSKD).
     ``read_test``: evaluate the selected predictor on the test split at the end (off for search trials, which are
     chosen on validation only). ``selection``: what the stage selects (:data:`hpmkd.selection.SELECTIONS`).
+    ``holdout``: rows of the training split the stage does not train on (:mod:`hpmkd.data.holdout`; teachers
+    whose outputs on those rows a Meta-MLP is later fitted on).
     """
 
     name: str
@@ -69,6 +72,7 @@ class StageSpec:
     reference_state: dict[str, Tensor] | None = None
     read_test: bool = True
     selection: str = "best_epoch"
+    holdout: HoldOut | None = None
 
 
 @dataclass
@@ -104,6 +108,8 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     """Train ``spec.model`` and return the selected predictor's metrics (see module docstring)."""
     torch.manual_seed(spec.seed)
     splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
+    if spec.holdout is not None:
+        splits = replace(splits, train=spec.holdout.kept(splits.train))
     model = spec.model.build(splits.shape)
     if spec.init_state is not None:
         load_state_checked(model, spec.init_state)
@@ -212,7 +218,8 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     if spec.read_test:
         acc, loss = evaluate(predictor, splits.test, cfg.eval_batch_size, env.device)
         tested = {"test_acc": acc, "test_loss": loss,
-                  **test_metrics(predict(predictor, splits.test, cfg.eval_batch_size, env.device))}
+                  **test_metrics(predict(predictor, splits.test, cfg.eval_batch_size, env.device), predictor,
+                                 splits.test, cfg.eval_batch_size, env.device)}
     return {
         **tested,
         **selection.summary(),

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from hpmkd.components.tracking import store_errors
 
 #: a stage's role in the report, by stage kind; kinds not listed produce distilled students
-STAGE_ROLES = {"train_teacher": "teacher", "load_teacher": "teacher", "fit_teacher": "teacher",
+STAGE_ROLES = {"train_teacher": "teacher", "load_teacher": "teacher", "fit_teacher": "teacher", "meta_mlp": "teacher",
                "train_student": "student alone"}
 DISTILLED = "distilled"
 TERMINAL_FAILURES = ("FAILED", "KILLED")

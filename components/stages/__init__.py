@@ -4,10 +4,12 @@
 each other module registers kinds: :mod:`~hpmkd.components.stages.train` (``train_teacher``, ``train_student``,
 ``load_teacher``), :mod:`~hpmkd.components.stages.fit_teacher` (``fit_teacher``),
 :mod:`~hpmkd.components.stages.distill` (``distill``, ``chain_link``),
-:mod:`~hpmkd.components.stages.chain_plan` (``chain_plan``), :mod:`~hpmkd.components.stages.tune` (``tune``).
+:mod:`~hpmkd.components.stages.chain_plan` (``chain_plan``), :mod:`~hpmkd.components.stages.tune` (``tune``),
+:mod:`~hpmkd.components.stages.meta_mlp` (``meta_mlp``, HumP-KD's Meta-MLP teacher).
 """
 
-from hpmkd.components.stages import chain_plan, distill, fit_teacher, train, tune  # noqa: F401  (register the kinds)
+from hpmkd.components.stages import (chain_plan, distill, fit_teacher, meta_mlp, train,  # noqa: F401  (the kinds)
+                                     tune)
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun, execute
 
 __all__ = ["STAGE_KINDS", "ExperimentContext", "StageKind", "StageRun", "execute"]

@@ -73,7 +73,7 @@ def record_model(ctx: ExperimentContext, run_id: str, model: ModelRef, model_pat
     elif as_mlflow_model:
         predictor = load_predictor(str(model_path), model, ctx.splits.shape)
         module = predictor.model if isinstance(predictor, SingleModel) else predictor
-        ctx.tracker.log_model(run_id, module.eval(), ctx.splits.test.x[:2].numpy())
+        ctx.tracker.log_model(run_id, module.eval(), ctx.splits.test.rows(torch.arange(2))[0].numpy())
 
 
 class TrainKind(StageKind):
@@ -81,7 +81,7 @@ class TrainKind(StageKind):
 
     def run(self, stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], run: StageRun) -> StageOutcome:
         params: TrainModel = stage.params
-        spec = spec_for(stage, ctx, params.model, params.train)
+        spec = spec_for(stage, ctx, params.model, params.train, holdout=params.holdout)
         return train_and_record(stage, ctx, run, spec, params.teacher or stage.name)
 
 
@@ -103,7 +103,8 @@ class LoadTeacherKind(StageKind):
         size = params.model.count_params(ctx.splits.shape)
         ctx.tracker.log_artifact(run.run_id, params.checkpoint, "checkpoint")
         metrics = {"val_acc": val_acc, "test_acc": test_acc, "params": float(size),
-                   **test_metrics(predict(predictor, ctx.splits.test, batch, torch.device("cpu")))}
+                   **test_metrics(predict(predictor, ctx.splits.test, batch, torch.device("cpu")), predictor,
+                                  ctx.splits.test, batch)}
         path = str(Path(params.checkpoint).resolve())
         artifact = ModelArtifact(params.teacher, params.model, path, checkpoint.file_digest(path), size,
                                  {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss})

@@ -44,6 +44,9 @@ def load_dataset(
     """
     check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
     raw = read_raw(name, root, download, options)
+    if not isinstance(raw, RawData):  # a data set that splits itself: files streamed from disk (image_folder)
+        return raw.load_splits(name, seed=seed, val_fraction=val_fraction, max_train=max_train, max_val=max_val,
+                               max_test=max_test)
     check_labels(name, raw)
     idx = split_indices(
         raw.train_y,
@@ -84,8 +87,10 @@ def load_dataset(
     )
 
 
-def read_raw(name: str, root: str | None, download: bool, options: dict[str, Any] | None = None) -> RawData:
-    """The raw arrays of data set ``name`` (its factory called with its ``options`` and the context it accepts)."""
+def read_raw(name: str, root: str | None, download: bool, options: dict[str, Any] | None = None) -> Any:
+    """The raw arrays of data set ``name`` (its factory called with its ``options`` and the context it accepts): a
+    :class:`RawData`, or an object that splits itself (``load_splits(name, seed=..., ...)`` and ``shape()``: a
+    folder of files streamed from disk, :mod:`hpmkd.data.image_folder`)."""
     factory = DATASETS.get(name, "data.name")
     DATASETS.check_options(name, options or {}, "data.options")
     accepted = user_options(factory, ())
@@ -103,6 +108,9 @@ def data_shape(name: str, root: str | None = None, download: bool = False,
 @functools.lru_cache(maxsize=16)
 def cached_shape(name: str, root: str | None, download: bool, options: str) -> tuple[int, tuple[int, ...]]:
     raw = read_raw(name, root, download, json.loads(options))
+    if not isinstance(raw, RawData):
+        return raw.shape()
+    return len(raw.class_names), tuple(int(d) for d in raw.to_model(raw.train_x[:1]).shape[1:])
     first = raw.train_x[:1]  # a model input's shape does not depend on the fitted statistics
     return len(raw.class_names), tuple(int(d) for d in fit_preprocessing(raw, first).transform(first).shape[1:])
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Random stream of each selection (our choice; only their distinctness matters).
-STREAMS = {"test": 0, "val": 1, "max_train": 2, "max_val": 3, "max_test": 4}
+STREAMS = {"test": 0, "val": 1, "max_train": 2, "max_val": 3, "max_test": 4, "holdout": 5}
 
 
 def stream_rng(seed: int, stream: str) -> np.random.Generator:

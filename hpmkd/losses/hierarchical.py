@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpmkd.distill_batch import DistillBatch
+from hpmkd.distill_batch import DistillBatch, ModelTaps
 from hpmkd.features import as_feature_map, conv1x1_adapter
 from hpmkd.losses.base import LOSSES, DistillLoss, combine_teachers
 from hpmkd.losses.layers import Layer, layer_pairs, student_feature, teacher_feature
+from hpmkd.registry import ConfigError
 
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
 
@@ -80,6 +81,10 @@ class Hierarchical(DistillLoss):
     * ``M_l`` (``mask: true``): :func:`fused_mask` at level ``l``'s resolution, optionally binarised to the top
       ``top_k`` fraction of positions (``top_k: null`` keeps the soft mask); ``mask: false`` uses ``M = 1``
       (plain multi-level feature matching, squared error summed over channels, averaged over positions).
+    * ``m`` runs over the *feature teachers*: ``teachers`` (indices into the stage's teachers), by default every
+      teacher that declares feature taps. A teacher without spatial features (the Meta-MLP ensemble, a stack on the
+      others' outputs) takes part in the logit terms only; the aggregator's weights ``w`` are renormalised over the
+      feature teachers (rows sum to 1) for the mask and the sum.
     Source: our reconstruction of HumP-KD (arXiv 2606.14684, abstract only). Term: ``hierarchical``.
     """
 
@@ -87,6 +92,7 @@ class Hierarchical(DistillLoss):
         self,
         *,
         pairs: Sequence[Sequence[Layer]] | None = None,
+        teachers: Sequence[int] | None = None,
         mask: bool = True,
         top_k: float | None = None,
         resize_mode: str = "bilinear",
@@ -102,7 +108,9 @@ class Hierarchical(DistillLoss):
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}; got {resize_mode!r}.")
         if eps <= 0:
             raise ValueError(f"eps must be > 0; got {eps}.")
-        self.pairs = layer_pairs(self.student_taps, self.teacher_taps, pairs, "pairs")
+        self.feature_teachers = feature_teachers(self.teacher_taps, teachers)
+        self.pairs = layer_pairs(self.student_taps, [self.teacher_taps[m] for m in self.feature_teachers], pairs,
+                                 "pairs")
         self.use_mask = bool(mask)
         self.top_k = top_k
         self.resize_mode = resize_mode
@@ -113,15 +121,27 @@ class Hierarchical(DistillLoss):
         return {s for s, _ in self.pairs}
 
     def teacher_tap_names(self) -> list[set[str]]:
-        return [{ts[m] for _, ts in self.pairs} for m in range(self.num_teachers)]
+        names: list[set[str]] = [set() for _ in range(self.num_teachers)]
+        for j, m in enumerate(self.feature_teachers):
+            names[m] = {ts[j] for _, ts in self.pairs}
+        return names
+
+    def teacher_maps(self, batch: DistillBatch) -> list[list[Tensor]]:
+        """``[feature teacher j][level l]`` maps ``[B, C, H, W]``."""
+        return [[as_feature_map(teacher_feature(batch, m, ts[j])) for _, ts in self.pairs]
+                for j, m in enumerate(self.feature_teachers)]
+
+    def weights(self, batch: DistillBatch) -> Tensor:
+        """The aggregator's weights of the feature teachers, renormalised to rows summing to 1, ``[B, M_f]``."""
+        w = batch.teacher_weights[:, self.feature_teachers]
+        return w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
     def setup(self, batch: DistillBatch) -> None:
         adapters = []
-        for s, ts in self.pairs:
+        maps = self.teacher_maps(batch)
+        for level, (s, _) in enumerate(self.pairs):
             f_s = as_feature_map(student_feature(batch, s))
-            per_teacher = [
-                conv1x1_adapter(f_s.shape, as_feature_map(teacher_feature(batch, m, t)).shape) for m, t in enumerate(ts)
-            ]
+            per_teacher = [conv1x1_adapter(f_s.shape, levels[level].shape) for levels in maps]
             adapters.append(nn.ModuleList(per_teacher))
         self.adapters = nn.ModuleList(adapters).to(batch.student_logits.device)
 
@@ -135,15 +155,14 @@ class Hierarchical(DistillLoss):
         return top_k_mask(m, self.top_k) if self.top_k is not None else m
 
     def forward(self, batch: DistillBatch) -> dict[str, Tensor]:
-        teacher_maps = [
-            [as_feature_map(teacher_feature(batch, m, ts[m])) for _, ts in self.pairs] for m in range(self.num_teachers)
-        ]
-        per_level = []  # [B, M] per level
+        teacher_maps = self.teacher_maps(batch)
+        weights = self.weights(batch)
+        per_level = []  # [B, M_f] per level
         for level, (s, _) in enumerate(self.pairs):
             f_s = as_feature_map(student_feature(batch, s))
             size = (f_s.shape[2], f_s.shape[3])
-            mask = self.level_mask(teacher_maps, batch.teacher_weights, size, f_s)
-            targets = [resize(teacher_maps[m][level], size, self.resize_mode) for m in range(self.num_teachers)]
+            mask = self.level_mask(teacher_maps, weights, size, f_s)
+            targets = [resize(levels[level], size, self.resize_mode) for levels in teacher_maps]
             per_level.append(
                 torch.stack(
                     [
@@ -153,4 +172,20 @@ class Hierarchical(DistillLoss):
                     dim=1,
                 )
             )
-        return {"hierarchical": combine_teachers(torch.stack(per_level).sum(0), batch.teacher_weights)}
+        return {"hierarchical": combine_teachers(torch.stack(per_level).sum(0), weights)}
+
+
+def feature_teachers(taps: Sequence[ModelTaps], chosen: Sequence[int] | None) -> list[int]:
+    """The indices of the teachers whose features the loss reads: ``chosen``, or every teacher with feature taps."""
+    if chosen is None:
+        found = [m for m, t in enumerate(taps) if t.feature_taps]
+        if not found:
+            raise ConfigError("teachers: no teacher of this stage declares feature taps; the hierarchical loss needs "
+                              "at least one with spatial features (a CNN or a transformer).")
+        return found
+    for m in chosen:
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < len(taps):
+            raise ConfigError(f"teachers: {m!r} is not a teacher index in 0..{len(taps) - 1}.")
+    if not chosen:
+        raise ConfigError("teachers: name at least one teacher index (or null for every teacher with features).")
+    return list(dict.fromkeys(chosen))

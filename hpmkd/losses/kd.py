@@ -11,11 +11,13 @@ from hpmkd.losses.mixing import teacher_kl
 
 @LOSSES.register("kd")
 class KD(DistillLoss):
-    """``L_KD = (1/B) Σ_i T² · KL(σ(z_T,i / T) || σ(z_S,i / T))`` (KL summed over classes, mean over the batch).
+    """``L_KD = (1/B) Σ_i c_i · T² · KL(σ(z_T,i / T) || σ(z_S,i / T))`` (KL summed over classes, mean over the batch).
 
     Source: Hinton et al. 2015; RepDistiller ``DistillKL`` (``kl_div(..., size_average=False) · T² / B``). Several
     teachers are combined by the aggregator's ``mix`` (:func:`hpmkd.losses.mixing.teacher_kl`). ``T`` is the stage's
-    temperature schedule. Term: ``kd``.
+    temperature schedule. ``c_i`` is the aggregator's per-sample confidence (:attr:`DistillBatch.confidence`): 1 for
+    every aggregator but ``variance``, whose consensus confidence ``c_i = exp(−v_i / ν)`` makes this HumP-KD's
+    uncertainty-aware term ``L_UKD`` (our reconstruction of HumP-KD, arXiv 2606.14684, abstract only). Term: ``kd``.
     """
 
     uses_temperature = True
@@ -24,4 +26,6 @@ class KD(DistillLoss):
         per_sample = teacher_kl(
             batch.student_logits, batch.teachers.logits, batch.teacher_weights, batch.mix, batch.temperature
         )
+        if batch.confidence is not None:
+            per_sample = batch.confidence * per_sample
         return {"kd": per_sample.mean()}

@@ -3,6 +3,11 @@
 :class:`TorchvisionNet` holds the torchvision model as ``net`` (built with ``weights=None`` and ``num_classes``, or
 with ImageNet weights and a fresh head when ``pretrained=True``) and adds, only where needed:
 
+Weights: ``pretrained=True`` loads torchvision's ImageNet weights (a download); ``checkpoint=PATH`` loads a local
+weights file instead (``.safetensors``, or a torch state dict read with ``weights_only=True``), its classifier left
+out where its shape does not fit ``num_classes`` (:func:`load_initial_weights`). Nothing is loaded while a model is
+built on the meta device (shapes only).
+
 * ``adapter``: a learned 1×1 conv from ``in_channels`` to the 3 channels torchvision models expect (an identity for
   3-channel inputs);
 * ``resize``: bilinear upsampling inside the model (:class:`InputResize`). ViTs and MaxViT only accept one image size,
@@ -204,19 +209,61 @@ def stage_taps_from_events(events: list[Event]) -> tuple[str, ...]:
     return tuple(name for _, name in best.values())
 
 
+def read_weights(path: str) -> dict[str, Tensor]:
+    """A weights file as a state dict: ``.safetensors``, or a torch file read with ``weights_only=True`` (a
+    ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def load_initial_weights(net: nn.Module, path: str, head: str) -> None:
+    """Load the weights file ``path`` into ``net``; the classifier ``head``'s entries are skipped where their shapes
+    differ (another number of classes: the head stays freshly initialised). Any other missing, extra or misshapen
+    entry is an error naming it."""
+    try:
+        state = read_weights(path)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"checkpoint {path!r} could not be read as weights: {err}") from err
+    own = net.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (k.startswith(f"{head}.") and k in own and tuple(v.shape) != tuple(own[k].shape))}
+    missing = [k for k in own if k not in state and not k.startswith(f"{head}.")]
+    extra = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or wrong:
+        first = (missing or extra or wrong)[0]
+        raise ValueError(f"checkpoint {path!r} does not fit {type(net).__name__}: entry {first!r} is "
+                         f"{'missing' if missing else 'not in the model' if extra else 'of another shape'}.")
+    net.load_state_dict(state, strict=False)
+
+
 class TorchvisionNet(nn.Module):
     """``adapter`` → ``resize`` → ``net`` (the first two identities where not needed); see the module docstring."""
 
-    def __init__(self, name: str, num_classes: int, in_channels: int, pretrained: bool = False, **kwargs: Any):
+    def __init__(self, name: str, num_classes: int, in_channels: int, pretrained: bool = False,
+                 checkpoint: str | None = None, **kwargs: Any):
         super().__init__()
         check_positive(num_classes=num_classes, in_channels=in_channels)
         import torchvision
 
+        if pretrained and checkpoint is not None:
+            raise ValueError("give either pretrained: true (ImageNet weights, downloaded) or checkpoint: PATH (a local "
+                             "file), not both.")
         kwargs = {**BUILD_DEFAULTS.get(name, {}), **kwargs}
-        if pretrained:  # ImageNet weights come with a 1000-class head: replace it unless that is what is asked for
+        shapes_only = torch.get_default_device().type == "meta"
+        if pretrained and not shapes_only:  # ImageNet weights come with a 1000-class head: replaced unless asked for
             net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
         else:
             net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        if checkpoint is not None and not shapes_only:
+            load_initial_weights(net, checkpoint, classifier_name(net))
         head = classifier_name(net)
         old = net.get_submodule(head)
         if (old.out_features if isinstance(old, nn.Linear) else old.out_channels) != num_classes:
