@@ -35,11 +35,13 @@ TEACHER_KINDS = ("train_teacher", "load_teacher")
 
 @dataclass(frozen=True)
 class TrainModel(StageParams):
-    """Train ``model`` with cross-entropy: a teacher (``teacher`` is its name) or the student alone."""
+    """Train ``model`` with cross-entropy: a teacher (``teacher`` is its name) or the student alone; ``init_seed``:
+    its initialisation's own seed (a deep ensemble's members; the data split stays the experiment seed's)."""
 
     model: ModelRef
     train: TrainConfig
     teacher: str | None = None
+    init_seed: int | None = None
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -47,7 +49,8 @@ class TrainModel(StageParams):
 
     def settings(self) -> dict[str, Any]:
         return {**({"teacher": self.teacher} if self.teacher else {}), "model": self.model.model,
-                "options": self.model.options, "train": to_dict(self.train)}
+                "options": self.model.options, "train": to_dict(self.train),
+                **({"init_seed": self.init_seed} if self.init_seed is not None else {})}
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,10 @@ class DataConfig:
 class TrainConfig:
     """How one training stage optimises: used by teachers, the student alone and distillation stages.
 
-    ``optimizer`` names an entry of :data:`hpmkd.optim.OPTIMIZERS` (``sgd``, ``adam``, ``adamw``; extra keyword
-    options in ``optimizer_options``), ``lr_schedule`` one of :data:`hpmkd.optim.LR_SCHEDULES` (``cosine``,
-    ``step``, ``constant``)."""
+    ``optimizer`` names an entry of :data:`hpmkd.optim.OPTIMIZERS` (``sgd``, ``adam``, ``adamw``, ``sgld``,
+    ``psgld``; extra keyword options in ``optimizer_options``), ``lr_schedule`` one of
+    :data:`hpmkd.optim.LR_SCHEDULES` (``cosine``, ``step``, ``constant``, ``cyclical``; its options in
+    ``lr_schedule_options``)."""
 
     epochs: int = 5
     batch_size: int = 128
@@ -90,6 +91,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
+    lr_schedule_options: dict[str, Any] = field(default_factory=dict)
     lr_milestones: list[float] = field(default_factory=lambda: [0.625, 0.75, 0.875])
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
@@ -284,7 +286,7 @@ SECTIONS: Registry[Any] = Registry("config section")
 #: pipelines, teacher providers, test metrics. :func:`load_plugins` imports them before a config is read, before a
 #: teacher is built (:func:`hpmkd.teachers.provider_for`) and before test metrics are computed; add a module here
 #: when it registers such an entry and nothing else imports it.
-PLUGIN_MODULES = ("hpmkd.pipelines",)
+PLUGIN_MODULES = ("hpmkd.pipelines", "hpmkd.uncertainty_metrics")
 
 
 @dataclass
@@ -459,6 +461,7 @@ def check_train(cfg: TrainConfig, path: str) -> None:
     OPTIMIZERS.get(cfg.optimizer, f"{path}.optimizer")
     OPTIMIZERS.check_options(cfg.optimizer, cfg.optimizer_options, f"{path}.optimizer_options")
     LR_SCHEDULES.get(cfg.lr_schedule, f"{path}.lr_schedule")
+    LR_SCHEDULES.check_options(cfg.lr_schedule, cfg.lr_schedule_options, f"{path}.lr_schedule_options")
 
 
 def check_recipe(recipe: Recipe, path: str) -> None:

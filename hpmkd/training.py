@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpmkd import posterior  # noqa: F401  (registers the posterior_sampling callback and selection)
 from hpmkd.callbacks import Batch, Callback, LoopState, build_callbacks
 from hpmkd.config import DataConfig, DistillConfig, TrainConfig
 from hpmkd.data import DataSplits, augment, load_dataset
 from hpmkd.data.views import ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.distiller import CrossEntropyObjective, Distiller, StepOutput
-from hpmkd.evaluation import evaluate, predict, test_metrics
+from hpmkd.evaluation import EvaluationConfig, evaluate, final_test_metrics
 from hpmkd.models import count_params, load_state_checked, model_taps
 from hpmkd.models.ref import ModelRef
 from hpmkd.models.state import state_digest
@@ -54,7 +54,12 @@ class StageSpec:
     ``reference_state``: weights of a frozen copy of ``model`` whose logits every step hands to the objective as
     ``reference_logits`` (the ``reference`` loss of SMSKD).
     ``read_test``: evaluate the selected predictor on the test split at the end (off for search trials, which are
-    chosen on validation only). ``selection``: what the stage selects (:data:`hpmkd.selection.SELECTIONS`).
+    chosen on validation only), with the registered test metrics and shifts as ``evaluation`` says
+    (:func:`hpmkd.evaluation.final_test_metrics`). ``selection``: what the stage selects
+    (:data:`hpmkd.selection.SELECTIONS`). ``callback_options``: typed options of the stage's callbacks and selection,
+    by the name they are registered under (a callback that needs options applies when its entry is present).
+    ``init_seed``: the seed of the model's initialisation and of the loop's global random draws, when they should
+    differ from ``seed``, which also fixes the data split (the chains of a posterior, an ensemble's members).
     """
 
     name: str
@@ -70,6 +75,9 @@ class StageSpec:
     reference_state: dict[str, Tensor] | None = None
     read_test: bool = True
     selection: str = "best_epoch"
+    callback_options: dict[str, Any] = field(default_factory=dict)
+    init_seed: int | None = None
+    evaluation: EvaluationConfig | None = None
 
 
 @dataclass
@@ -103,7 +111,7 @@ def prefetching(
 
 def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     """Train ``spec.model`` and return the selected predictor's metrics (see module docstring)."""
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed if spec.init_seed is None else spec.init_seed)
     splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
     model = spec.model.build(splits.shape)
     if spec.init_state is not None:
@@ -124,7 +132,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     first_teachers = request_teachers(env, objective, first_x, first_idx)()
     objective.setup(first_x, first_y.to(env.device), first_idx, first_teachers, total_epochs=cfg.epochs)
 
-    optimizer = make_optimizer(list(model.parameters()) + objective.extra_parameters(), cfg)
+    optimizer = make_optimizer(list(model.parameters()) + objective.extra_parameters(), cfg, len(splits.train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps_per_epoch, steps_per_epoch))
     wrapped = env.wrap(objective)
     state = LoopState(spec, env, splits, model, objective, optimizer, scheduler, steps_per_epoch)
@@ -213,7 +221,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     if spec.read_test:
         acc, loss = evaluate(predictor, splits.test, cfg.eval_batch_size, env.device)
         tested = {"test_acc": acc, "test_loss": loss,
-                  **test_metrics(predict(predictor, splits.test, cfg.eval_batch_size, env.device))}
+                  **final_test_metrics(predictor, splits, cfg.eval_batch_size, env.device, spec.evaluation)}
     return {
         **tested,
         **selection.summary(),

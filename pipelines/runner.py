@@ -40,8 +40,13 @@ class ExperimentFailedError(RuntimeError):
 
 
 def preflight(cfg: ExperimentConfig):
-    """Checks that need data or files but not Ray: the data set loads, and given checkpoints fit their models."""
+    """Checks that need data or files but not Ray: the data set loads, given checkpoints fit their models, and every
+    config section that checks itself against the data (``check_data(cfg, splits)``) agrees."""
     splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
+    for section in cfg.sections.values():
+        check_data = getattr(section, "check_data", None)
+        if check_data is not None:
+            check_data(cfg, splits)
     for i, teacher in enumerate(cfg.teachers):
         if teacher.checkpoint:
             try:

@@ -12,7 +12,8 @@ from hpmkd.components.graph import Stage, StageResult
 from hpmkd.components.stage_params import TEACHER_KINDS, TunedConfig
 from hpmkd.config import ExperimentConfig
 
-STUDENT_KINDS = ("distill",)
+#: the kinds whose model is a distilled student (the last one in the graph is the experiment's student)
+STUDENT_KINDS = ("distill", "posterior_chain", "pool_predictors")
 
 
 def summarise(

@@ -173,6 +173,71 @@ def temperature_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
             + image(path, "temperature over training"))
 
 
+#: the uncertainty table's columns: (title, test metric without its ``test_`` prefix, scale, digits)
+UNCERTAINTY_COLUMNS = (("acc (%)", "acc", 100, 2), ("NLL", "nll", 1, 4), ("ECE", "ece", 1, 4), ("Brier", "brier", 1, 4),
+                       ("error AUROC", "error_auroc", 1, 3), ("sel. acc (%)", "selective_acc", 100, 2),
+                       ("set cov.", "set_coverage", 1, 3), ("set size", "set_size", 1, 2),
+                       ("MI", "mutual_information", 1, 4), ("CI cov.", "ci_coverage", 1, 3))
+RELIABILITY = "reliability."
+
+
+def test_sets(metrics: dict[str, float]) -> list[str]:
+    """The test splits a stage recorded metrics on: ``test`` and each shift (``test_<shift>_ece``)."""
+    shifts = sorted(k[len("test_"):-len("_ece")] for k in metrics if k.startswith("test_") and k.endswith("_ece"))
+    return ["test"] + [f"test_{s}" for s in shifts]
+
+
+def reliability_bins(metrics: dict[str, float], prefix: str) -> list[tuple[float, float, float]]:
+    """``(confidence, accuracy, fraction)`` of each recorded bin of ``<prefix>_reliability.<bin>``, in bin order."""
+    start = f"{prefix}_{RELIABILITY}"
+    bins = sorted({k[len(start):].split(".")[0] for k in metrics if k.startswith(start)})
+    return [tuple(metrics[f"{start}{b}.{part}"] for part in ("conf", "acc", "frac")) for b in bins]
+
+
+def uncertainty_stages(exp: ExperimentRecords) -> list[tuple[PipelineRecord, StageRecord]]:
+    """Every finished student stage (not a teacher) that recorded calibration metrics; a reused stage counts once."""
+    found, seen = [], set()
+    for p, s in exp.stages():
+        source = s.reused_from or s.run_id
+        if s.status == "FINISHED" and s.role != "teacher" and "test_ece" in s.metrics and source not in seen:
+            seen.add(source)
+            found.append((p, s))
+    return found
+
+
+@section("Uncertainty and calibration")
+def uncertainty_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
+    """Per student stage and test split (clean, then each shift): the calibration and uncertainty metrics
+    (:mod:`hpmkd.uncertainty_metrics`); a reliability diagram of the newest stages."""
+    stages = uncertainty_stages(exp)
+    if not stages:
+        return "No student stage in this experiment recorded calibration metrics (`test_ece`)."
+    rows = []
+    for p, s in stages:
+        for split in test_sets(s.metrics):
+            values = [s.metrics.get(f"{split}_{key}") for _, key, _, _ in UNCERTAINTY_COLUMNS]
+            rows.append([s.name, p.label, split.removeprefix("test_") if split != "test" else "clean",
+                         *("-" if v is None else f"{v * scale:.{digits}f}"
+                           for v, (_, _, scale, digits) in zip(values, UNCERTAINTY_COLUMNS)),
+                         "-" if "val_loglik_rhat" not in s.metrics else f"{s.metrics['val_loglik_rhat']:.3f}"])
+    table = markdown_table(["stage", "pipeline run", "test set", *(c[0] for c in UNCERTAINTY_COLUMNS),
+                            "R-hat (val LL)"], rows)
+    kept, note = newest(stages, MAX_PANELS)
+    panels = [(f"{s.name} · {p.label}", [plots.Reliability(split.removeprefix("test_").replace("test", "clean"),
+                                                           reliability_bins(s.metrics, split))
+                                         for split in test_sets(s.metrics)]) for p, s in kept]
+    path = plots.reliability(panels, ctx.figure(exp, "reliability"))
+    return ("Measured once per final student model on the test split and on each shifted copy of it "
+            "(`evaluation.shifts`): accuracy, NLL, ECE (15 bins), Brier, the AUROC of the predictive entropy for "
+            "detecting the model's own errors, accuracy on the 90 % least uncertain inputs, coverage and mean size "
+            "of the 95 % prediction sets calibrated on validation, mutual information (posteriors and ensembles), "
+            "coverage of the 95 % credible intervals of known class probabilities (synthetic data), and the split "
+            "R-hat of the posterior samples' validation log-likelihood (docs/mtbkd.md).\n\n" + table + "\n\n"
+            f"Reliability diagrams{note}: accuracy against confidence per bin (marker area: share of the inputs), "
+            "one line per test set; the dashed diagonal is perfect calibration.\n\n"
+            + image(path, "reliability diagrams"))
+
+
 @section("Stage timeline")
 def timeline_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
     pipelines, note = newest([p for p in exp.pipelines if p.stages], MAX_TIMELINE_RUNS)

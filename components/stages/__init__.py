@@ -3,10 +3,11 @@
 :mod:`~hpmkd.components.stages.base` holds the protocol (:class:`StageKind`, :data:`STAGE_KINDS`, :func:`execute`);
 each other module registers kinds: :mod:`~hpmkd.components.stages.train` (``train_teacher``, ``train_student``,
 ``load_teacher``), :mod:`~hpmkd.components.stages.distill` (``distill``, ``chain_link``),
-:mod:`~hpmkd.components.stages.chain_plan` (``chain_plan``), :mod:`~hpmkd.components.stages.tune` (``tune``).
+:mod:`~hpmkd.components.stages.chain_plan` (``chain_plan``), :mod:`~hpmkd.components.stages.tune` (``tune``),
+:mod:`~hpmkd.components.stages.mtbkd` (``posterior_chain``, ``pool_predictors``).
 """
 
-from hpmkd.components.stages import chain_plan, distill, train, tune  # noqa: F401  (register the kinds)
+from hpmkd.components.stages import chain_plan, distill, mtbkd, train, tune  # noqa: F401  (register the kinds)
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun, execute
 
 __all__ = ["STAGE_KINDS", "ExperimentContext", "StageKind", "StageRun", "execute"]

@@ -1,12 +1,13 @@
 """Data sets, seeded splits, mini-batches and batch augmentations.
 
 * :func:`load_dataset` -> :class:`DataSplits` (train/val/test :class:`Split` tensors, class names, fingerprint);
-* :data:`DATASETS`: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``digits``, ``breast_cancer``, ``wine``, ``iris``;
+* :data:`DATASETS`: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``digits``, ``breast_cancer``, ``wine``, ``iris``,
+  ``gaussian_mixture`` (synthetic, with known class probabilities);
 * :func:`iterate_batches`: DistributedSampler-style ``(x, y, index)`` batches by tensor indexing;
 * :data:`AUGMENTATIONS` / :func:`augment`: ``none``, ``flip``, ``crop_flip``.
 """
 
-from hpmkd.data import cifar, digits, fashion_mnist, tabular  # noqa: F401  (register the data sets)
+from hpmkd.data import cifar, digits, fashion_mnist, synthetic, tabular  # noqa: F401  (register the data sets)
 from hpmkd.data.augment import AUGMENTATIONS, augment
 from hpmkd.data.base import DATASETS, DataSplits, DatasetNotFoundError, RawData, Split
 from hpmkd.data.batching import iterate_batches

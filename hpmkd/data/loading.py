@@ -58,6 +58,8 @@ def load_dataset(
     train = make_split(train_x, raw.train_y[idx.train], mean, std)
     val = make_split(raw.to_model(raw.train_x[idx.val]), raw.train_y[idx.val], mean, std)
     test = make_split(raw.to_model(test_x[idx.test]), test_y[idx.test], mean, std)
+    if raw.class_probs is not None:
+        test.true_probs = torch.from_numpy(np.asarray(raw.class_probs(test_x[idx.test]), dtype=np.float32))
     params = {
         "seed": seed,
         "val_fraction": val_fraction,
