@@ -104,9 +104,11 @@ class MtbkdConfig:
             self.sampling(cfg.recipe()).check_steps(steps_per_epoch)
 
     def sampler_train(self, base: TrainConfig) -> TrainConfig:
-        """The sampling phase's training settings: ``base`` (its batches) with the sampler's keys; without them, a
-        constant step size, no warm-up and no optimiser options of the mode phase."""
-        fresh = {"lr_schedule": "constant", "lr_schedule_options": {}, "optimizer_options": {}, "warmup_epochs": 0}
+        """The sampling phase's training settings: ``base`` (its batches) with the sampler's keys; keys the sampler
+        leaves out are the reference's SGLD step size ``ε₁ = 8e-8`` with the Langevin noise ``√(2 ε₁)``, constant,
+        without warm-up (never the mode phase's optimiser or step size)."""
+        fresh = {"optimizer": "sgld", "lr": 8e-8, "optimizer_options": {}, "lr_schedule": "constant",
+                 "lr_schedule_options": {}, "warmup_epochs": 0}
         return merged_train(base, {**fresh, **self.sampler, "epochs": self.sample_epochs}, "mtbkd.sampler")
 
     def sampling(self, recipe: Recipe) -> PosteriorSampling:

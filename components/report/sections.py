@@ -173,18 +173,25 @@ def temperature_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
             + image(path, "temperature over training"))
 
 
-#: the uncertainty table's columns: (title, test metric without its ``test_`` prefix, scale, digits)
-UNCERTAINTY_COLUMNS = (("acc (%)", "acc", 100, 2), ("NLL", "nll", 1, 4), ("ECE", "ece", 1, 4), ("Brier", "brier", 1, 4),
-                       ("error AUROC", "error_auroc", 1, 3), ("sel. acc (%)", "selective_acc", 100, 2),
-                       ("set cov.", "set_coverage", 1, 3), ("set size", "set_size", 1, 2),
-                       ("MI", "mutual_information", 1, 4), ("CI cov.", "ci_coverage", 1, 3))
+#: the uncertainty table's columns: (title, test metric without its ``test_`` prefix, scale, format)
+UNCERTAINTY_COLUMNS = (("acc (%)", "acc", 100, ".2f"), ("NLL", "nll", 1, ".4f"), ("ECE", "ece", 1, ".4f"),
+                       ("Brier", "brier", 1, ".4f"), ("error AUROC", "error_auroc", 1, ".3f"),
+                       ("sel. acc (%)", "selective_acc", 100, ".2f"), ("set cov.", "set_coverage", 1, ".3f"),
+                       ("set size", "set_size", 1, ".2f"), ("MI", "mutual_information", 1, ".2e"),
+                       ("CI cov.", "ci_coverage", 1, ".3f"))
 RELIABILITY = "reliability."
 
 
 def test_sets(metrics: dict[str, float]) -> list[str]:
     """The test splits a stage recorded metrics on: ``test`` and each shift (``test_<shift>_ece``)."""
-    shifts = sorted(k[len("test_"):-len("_ece")] for k in metrics if k.startswith("test_") and k.endswith("_ece"))
+    shifts = sorted(k[len("test_"):-len("_ece")] for k in metrics
+                    if k.startswith("test_") and k.endswith("_ece") and k != "test_ece")
     return ["test"] + [f"test_{s}" for s in shifts]
+
+
+def split_label(split: str) -> str:
+    """``clean`` for the test split, the shift's name for a shifted one."""
+    return "clean" if split == "test" else split.removeprefix("test_")
 
 
 def reliability_bins(metrics: dict[str, float], prefix: str) -> list[tuple[float, float, float]]:
@@ -216,23 +223,24 @@ def uncertainty_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
     for p, s in stages:
         for split in test_sets(s.metrics):
             values = [s.metrics.get(f"{split}_{key}") for _, key, _, _ in UNCERTAINTY_COLUMNS]
-            rows.append([s.name, p.label, split.removeprefix("test_") if split != "test" else "clean",
-                         *("-" if v is None else f"{v * scale:.{digits}f}"
-                           for v, (_, _, scale, digits) in zip(values, UNCERTAINTY_COLUMNS)),
-                         "-" if "val_loglik_rhat" not in s.metrics else f"{s.metrics['val_loglik_rhat']:.3f}"])
+            rhat = s.metrics.get("val_loglik_rhat") if split == "test" else None
+            rows.append([s.name, p.label, split_label(split),
+                         *("-" if v is None else f"{v * scale:{form}}"
+                           for v, (_, _, scale, form) in zip(values, UNCERTAINTY_COLUMNS)),
+                         "-" if rhat is None else f"{rhat:.3f}"])
     table = markdown_table(["stage", "pipeline run", "test set", *(c[0] for c in UNCERTAINTY_COLUMNS),
                             "R-hat (val LL)"], rows)
     kept, note = newest(stages, MAX_PANELS)
-    panels = [(f"{s.name} · {p.label}", [plots.Reliability(split.removeprefix("test_").replace("test", "clean"),
-                                                           reliability_bins(s.metrics, split))
+    panels = [(f"{s.name} · {p.label}", [plots.Reliability(split_label(split), reliability_bins(s.metrics, split))
                                          for split in test_sets(s.metrics)]) for p, s in kept]
     path = plots.reliability(panels, ctx.figure(exp, "reliability"))
     return ("Measured once per final student model on the test split and on each shifted copy of it "
-            "(`evaluation.shifts`): accuracy, NLL, ECE (15 bins), Brier, the AUROC of the predictive entropy for "
-            "detecting the model's own errors, accuracy on the 90 % least uncertain inputs, coverage and mean size "
-            "of the 95 % prediction sets calibrated on validation, mutual information (posteriors and ensembles), "
-            "coverage of the 95 % credible intervals of known class probabilities (synthetic data), and the split "
-            "R-hat of the posterior samples' validation log-likelihood (docs/mtbkd.md).\n\n" + table + "\n\n"
+            "(`evaluation.shifts`): accuracy, NLL, ECE (`evaluation.ece_bins` bins), Brier, the AUROC of the "
+            "predictive entropy for detecting the model's own errors, accuracy on the least uncertain inputs "
+            "(`evaluation.selective_coverage`), coverage and mean size of the prediction sets calibrated on "
+            "validation (`evaluation.set_coverage`), mutual information (posteriors and ensembles), coverage of the "
+            "credible intervals of known class probabilities (synthetic data), and the split R-hat of the posterior "
+            "samples' validation log-likelihood (docs/mtbkd.md).\n\n" + table + "\n\n"
             f"Reliability diagrams{note}: accuracy against confidence per bin (marker area: share of the inputs), "
             "one line per test set; the dashed diagonal is perfect calibration.\n\n"
             + image(path, "reliability diagrams"))
