@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 
 class LangevinOptimizer(torch.optim.Optimizer):
-    """Shared by :class:`SGLD` and :class:`PreconditionedSGLD`: the options and the noise scale at a step."""
+    """Shared by :class:`SGLD` and :class:`PreconditionedSGLD`: the options, the noise scale at a step and the loop
+    over the parameters that have a gradient; a subclass's :meth:`update` moves one."""
 
     def __init__(self, params: Iterable[Tensor], lr: float, data_size: int, noise: float | None, **extra: float):
         if not lr > 0:
@@ -55,6 +56,18 @@ class LangevinOptimizer(torch.optim.Optimizer):
             return math.sqrt(2.0 * group["lr"])
         return group["noise"] * math.sqrt(group["lr"] / group.get("initial_lr", group["lr"]))
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            scale = self.noise_scale(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, group, scale)
+
+    def update(self, p: Tensor, group: dict, scale: float) -> None:
+        """Move ``p`` one step, ``scale`` being this step's ``ε₂``."""
+        raise NotImplementedError
+
 
 class SGLD(LangevinOptimizer):
     """``θ ← θ − ε₁ · N · ∇L + ε₂ · ξ`` (module docstring)."""
@@ -62,15 +75,9 @@ class SGLD(LangevinOptimizer):
     def __init__(self, params: Iterable[Tensor], lr: float, data_size: int, noise: float | None = None):
         super().__init__(params, lr, data_size, noise)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            scale = self.noise_scale(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.add_(p.grad, alpha=-group["lr"] * group["data_size"])
-                p.add_(torch.randn_like(p), alpha=scale)
+    def update(self, p: Tensor, group: dict, scale: float) -> None:
+        p.add_(p.grad, alpha=-group["lr"] * group["data_size"])
+        p.add_(torch.randn_like(p), alpha=scale)
 
 
 class PreconditionedSGLD(LangevinOptimizer):
@@ -83,21 +90,15 @@ class PreconditionedSGLD(LangevinOptimizer):
             raise ValueError(f"alpha must be in [0, 1) and eps > 0, got alpha={alpha}, eps={eps}.")
         super().__init__(params, lr, data_size, noise, alpha=alpha, eps=eps)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            scale = self.noise_scale(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "square_avg" not in state:
-                    state["square_avg"] = torch.zeros_like(p)
-                v = state["square_avg"]
-                v.mul_(group["alpha"]).addcmul_(p.grad, p.grad, value=1 - group["alpha"])
-                g = 1.0 / (group["eps"] + v.sqrt())
-                p.addcmul_(g, p.grad, value=-group["lr"] * group["data_size"])
-                p.addcmul_(g.sqrt(), torch.randn_like(p), value=scale)
+    def update(self, p: Tensor, group: dict, scale: float) -> None:
+        state = self.state[p]
+        if "square_avg" not in state:
+            state["square_avg"] = torch.zeros_like(p)
+        v = state["square_avg"]
+        v.mul_(group["alpha"]).addcmul_(p.grad, p.grad, value=1 - group["alpha"])
+        g = 1.0 / (group["eps"] + v.sqrt())
+        p.addcmul_(g, p.grad, value=-group["lr"] * group["data_size"])
+        p.addcmul_(g.sqrt(), torch.randn_like(p), value=scale)
 
 
 @OPTIMIZERS.register("sgld")

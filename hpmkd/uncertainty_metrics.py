@@ -20,10 +20,12 @@ Metrics (``test_<name>``; each also as ``test_<shift>_<name>`` on every shifted 
   share of (input, class) pairs whose true probability lies in the members' ``evaluation.credible_level`` (95 %)
   credible interval, and the intervals' mean width.
 
-torchmetrics, scikit-learn's metrics and torchvision are imported when a metric is computed (importing them costs
-seconds, and this module is loaded whenever a config is read). Shifts (fixed severities, ``evaluation.shifts``): ``noise`` adds Gaussian noise of standard deviation ``sigma`` to
+Shifts (fixed severities, ``evaluation.shifts``): ``noise`` adds Gaussian noise of standard deviation ``sigma`` to
 the normalised inputs, the same draw for a row every time (seeded by its index); ``blur`` is a Gaussian blur of
 standard deviation ``sigma`` pixels (images only). Corruptions after Hendrycks & Dietterich 2019 (ImageNet-C).
+
+torchmetrics, scikit-learn's metrics and torchvision are imported when a metric is computed: importing them costs
+seconds, and this module is loaded whenever a config is read.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hpmkd.components.graph import Stage
 from hpmkd.config import ExperimentConfig
-from hpmkd.pipelines import chain, hpmkd, kd, mtbkd, smskd  # noqa: F401  (register "takd", "hpmkd", "kd", "mtbkd", "smskd")
+from hpmkd.pipelines import chain, hpmkd, kd, mtbkd, smskd  # noqa: F401  (register takd, hpmkd, kd, mtbkd, smskd)
 from hpmkd.pipelines.config_manager import with_tune_stage
 from hpmkd.pipelines.registry import PIPELINES
 from hpmkd.pipelines.switches import effective_config

@@ -24,7 +24,7 @@ from hpmkd.pipelines import plan_experiment
 from hpmkd.pipelines.mtbkd import PoolPredictors, PosteriorChain
 from hpmkd.pipelines.runner import preflight
 from hpmkd.posterior import POSTERIOR, PosteriorSampling
-from hpmkd.predictors import KdeModeSamples, WeightSamples, load_predictor, save_predictor
+from hpmkd.predictors import KdeModeSamples, load_predictor, save_predictor
 from hpmkd.registry import ConfigError
 from hpmkd.selection import selected_payload
 from hpmkd.teachers import LocalTeachers
@@ -117,8 +117,8 @@ def test_the_sampler_gets_the_training_set_size_and_its_options_are_checked():
 def test_the_cyclical_step_size_restarts_each_cycle():
     cfg = TrainConfig(lr_schedule="cyclical", lr_schedule_options={"cycles": 2})
     factor = lr_factor(cfg, total_steps=100, steps_per_epoch=10)
-    assert [round(factor(s), 6) for s in (0, 25, 49, 50, 75)] == [1.0, 0.5, round(0.5 * (math.cos(math.pi * 0.98) + 1), 6),
-                                                                   1.0, 0.5]
+    end_of_cycle = round(0.5 * (math.cos(math.pi * 0.98) + 1), 6)
+    assert [round(factor(s), 6) for s in (0, 25, 49, 50, 75)] == [1.0, 0.5, end_of_cycle, 1.0, 0.5]
     with pytest.raises(ConfigError, match=r"train\.lr_schedule_options\.cycle: unknown option .*'cycles'"):
         config_from_data({"experiment": "x", "pipeline": "kd", "teachers": [{"name": "t", "model": "mlp"}],
                           "student": {"model": "mlp"}, "train": {"lr_schedule": "cyclical",
@@ -221,7 +221,8 @@ def test_sampling_all_parameters_and_the_kde_mode_prediction(teachers, tmp_path)
 
 def test_too_short_a_sampling_phase_is_refused_before_training(teachers):
     spec = chain_spec(samples=500)
-    with pytest.raises(ConfigError, match=r"posterior: 3 sampling epochs of \d+ steps give \d+ steps, fewer than the \d+ that burn_in \(5\)"):
+    with pytest.raises(ConfigError, match=r"posterior: 3 sampling epochs of \d+ steps give \d+ steps, fewer than "
+                                          r"the \d+ that burn_in \(5\)"):
         run_chain(spec, teachers)
 
 
@@ -296,7 +297,7 @@ def test_one_chain_the_mode_only_and_the_deep_ensemble_baseline():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("mtbkd.sampler={optimiser: sgld}", r"mtbkd\.sampler\.optimiser: not a sampling-phase key\. Did you mean 'optimizer'"),
+    ("mtbkd.sampler={optimiser: sgld}", r"mtbkd\.sampler\.optimiser: not a sampling-phase key\. Did you mean"),
     ("mtbkd.sampler={optimizer: sgdl}", r"mtbkd\.sampler\.optimizer: unknown optimizer 'sgdl'"),
     ("mtbkd.sample_epochs=0", r"mtbkd\.chains: 2 chains need sampling"),
     ("mtbkd.deep_ensemble=1", r"mtbkd\.deep_ensemble: 0 \(no deep-ensemble baseline\) or the number of members"),

@@ -6,8 +6,6 @@ computes what the first chain of the two-chain run does); a rerun reuses every s
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from hpmkd.evaluation import evaluate
 from hpmkd.data import load_dataset
 from hpmkd.pipelines.runner import run_experiment
 from hpmkd.predictors import WeightSamples, load_predictor
+from conftest import kill_a_train_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.max_train=600", "data.max_val=200", "data.max_test=400", "train.epochs=2", "train.batch_size=32",
@@ -42,10 +41,6 @@ def config(root: Path, *extra: str):
 def kill_chain_mid_sampling(uri: str, stop: threading.Event) -> list[int]:
     """Once the chain ``mtbkd`` has logged a sampling epoch (``posterior_phase`` 1) and is still running, SIGKILL the
     Ray Train worker (the stages run one at a time, so it is the chain's)."""
-    import ray
-    from ray.util.state import list_actors
-
-    address = ray.get_runtime_context().gcs_address
     client, killed = MlflowClient(uri), []
     while not stop.is_set() and not killed:
         time.sleep(0.3)
@@ -56,11 +51,9 @@ def kill_chain_mid_sampling(uri: str, stop: threading.Event) -> list[int]:
         except Exception:  # the store is created a moment later
             continue
         if runs and len(client.get_metric_history(runs[0].info.run_id, "val_acc")) == 3:  # 2 mode + 1 sampling
-            for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True):
-                if actor.class_name == "RayTrainWorker" and actor.pid:
-                    os.kill(actor.pid, signal.SIGKILL)
-                    killed.append(actor.pid)
-                    break
+            pid = kill_a_train_worker()
+            if pid is not None:
+                killed.append(pid)
     return killed
 
 

@@ -168,3 +168,17 @@ def test_the_gaussian_mixture_knows_its_class_probabilities():
     confident = probs.max(1).values > 0.9
     assert (probs[confident].argmax(1) == y[confident]).double().mean() > 0.9
     assert probs.max(1).values.mean() == pytest.approx(float((probs.argmax(1) == y).double().mean()), abs=0.03)
+
+
+def test_temperature_scaling_recovers_the_temperature_of_overconfident_scores():
+    from hpmkd.calibration import TemperatureScaled, fit_temperature
+
+    torch.manual_seed(0)
+    logits = torch.randn(5000, 4) * 2
+    y = torch.distributions.Categorical(logits=logits).sample()
+    sharpened = torch.log_softmax(logits * 3, -1)  # calibrated at T = 3
+    assert fit_temperature(sharpened, y) == pytest.approx(3.0, rel=0.05)
+    net = nn.Linear(4, 4)
+    scaled = TemperatureScaled(SingleModel(net), 2.0)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(F.softmax(scaled(x), -1), F.softmax(net(x) / 2.0, -1))

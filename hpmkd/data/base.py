@@ -82,8 +82,9 @@ class RawData:
 
     ``to_model`` maps a slice of ``train_x`` / ``test_x`` to float32 in model layout (``[N, C, H, W]`` or ``[N, D]``)
     before normalisation, e.g. ``uint8 / 255`` reshaped. ``class_probs`` (synthetic data) maps raw rows to their
-    true class probabilities ``p(y | x)`` ``[N, C]``, which the test split carries (:attr:`Split.true_probs`). ``mean`` / ``std`` are per-channel (axis 1) constants; when
-    they are ``None`` they are computed on the training split. ``test_x is None`` means the data set has no official
+    true class probabilities ``p(y | x)`` ``[N, C]``, which the test split carries (:attr:`Split.true_probs`).
+    ``mean`` / ``std`` are per-channel (axis 1) constants; when they are ``None`` they are computed on the training
+    split. ``test_x is None`` means the data set has no official
     test split and ``test_fraction`` of it is held out, stratified and fixed by the seed. ``preprocessing`` is a short
     text describing ``to_model`` that enters the fingerprint.
     """

@@ -16,7 +16,7 @@ Multi-teacher rules: :mod:`hpmkd.losses.mixing` (logit methods) and :func:`hpmkd
 (feature and relation methods).
 """
 
-from hpmkd.losses import at, crd, dkd, fitnet, hierarchical, kd, mtbkd, pkt, reference, rkd  # noqa: F401  (registration)
+from hpmkd.losses import at, crd, dkd, fitnet, hierarchical, kd, mtbkd, pkt, reference, rkd  # noqa: F401  (registers)
 from hpmkd.losses.base import LOSSES, DistillLoss, combine_teachers
 from hpmkd.losses.mixing import over_teachers, teacher_kl, teacher_true_class_prob
 
