@@ -270,7 +270,7 @@ def test_the_mtbkd_graph_runs_chains_side_by_side_and_pools_them():
     assert list(stages) == ["teacher_cnn", "teacher_mlp", "student_alone", "mtbkd_chain_1", "mtbkd_chain_2", "mtbkd"]
     chain = stages["mtbkd_chain_1"].params
     assert isinstance(chain, PosteriorChain) and chain.kind == "posterior_chain"
-    assert chain.recipe.train.epochs == 15 + 3 and chain.sampling.mode_epochs == 15
+    assert chain.recipe.train.epochs == 12 + 3 and chain.sampling.mode_epochs == 12
     assert chain.sampling.sampler.optimizer == "sgld" and chain.sampling.sampler.lr == 8e-8
     assert chain.sampling.sampler.optimizer_options == {"noise": 4e-4} and chain.sampling.sampler.epochs == 3
     assert chain.sampling.sampler.lr_schedule == "constant"
@@ -286,7 +286,7 @@ def test_one_chain_the_mode_only_and_the_deep_ensemble_baseline():
     one = {s.name: s for s in plan_experiment(mtbkd_config("mtbkd.chains=1")).stages}
     assert one["mtbkd"].kind == "posterior_chain" and "mtbkd_chain_1" not in one
     mode = {s.name: s for s in plan_experiment(mtbkd_config("mtbkd.chains=1", "mtbkd.sample_epochs=0")).stages}
-    assert mode["mtbkd"].kind == "distill" and mode["mtbkd"].params.recipe.train.epochs == 15
+    assert mode["mtbkd"].kind == "distill" and mode["mtbkd"].params.recipe.train.epochs == 12
     ensemble = {s.name: s for s in plan_experiment(mtbkd_config("mtbkd.deep_ensemble=4")).stages}
     assert [ensemble[f"ensemble_{k}"].params.init_seed for k in (2, 3, 4)] == [1000, 2000, 3000]
     assert ensemble["deep_ensemble"].params.members == ("student_alone", "ensemble_2", "ensemble_3", "ensemble_4")
