@@ -6,11 +6,13 @@ overrides, and validates everything that can be checked without starting Ray: un
 model / loss / aggregator / schedule names and their options, and that checkpoint files exist.
 
 The core sections are defined here. Every other top-level section is owned by the pipeline or component that reads
-it and registered in :data:`SECTIONS` by its module (imported first, :data:`PLUGIN_MODULES`) (``chain`` by :mod:`hpmkd.pipelines.chain`, ``smskd`` by
-:mod:`hpmkd.pipelines.smskd`, ``config_manager`` by :mod:`hpmkd.search_space`, ``components`` by
-:mod:`hpmkd.pipelines.switches`): a new pipeline adds its section without editing this file. A section class is a
-dataclass with defaults; it may define ``check(path)`` (its own values) and ``check_with(cfg)`` (against the whole
-experiment, after every section is parsed).
+it and registered in :data:`SECTIONS` by its module (imported first, :data:`PLUGIN_MODULES`) (``chain`` by
+:mod:`hpmkd.pipelines.chain`, ``smskd`` by :mod:`hpmkd.pipelines.smskd`, ``mtbkd`` by :mod:`hpmkd.pipelines.mtbkd`,
+``config_manager`` by :mod:`hpmkd.search_space`, ``components`` by :mod:`hpmkd.pipelines.switches`, ``evaluation``
+by :mod:`hpmkd.evaluation`): a new pipeline adds its section without editing this file. A section class is a
+dataclass with defaults; it may define ``check(path)`` (its own values), ``check_with(cfg)`` (against the whole
+experiment, after every section is parsed) and ``check_data(cfg, splits)`` (against the loaded data, in the
+runner's preflight, before any stage runs).
 """
 
 from __future__ import annotations
