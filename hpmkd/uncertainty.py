@@ -18,6 +18,7 @@ Bayesian model average):
   probability at least ``coverage`` on exchangeable data.
 
 A single network is one member: its expected entropy equals its predictive entropy and its mutual information is 0.
+:func:`posterior_outputs` gives all of it for a batch of inputs from any predictor (:mod:`hpmkd.predictors`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 #: points of the KDE-mode grid over [0, 1] (the reference notebook's 600-point grid)
 KDE_GRID = 600
@@ -53,6 +55,35 @@ def uncertainty(log_probs: Tensor, members: Tensor | None = None) -> Uncertainty
     total = entropy(log_probs)
     expected = total if members is None else entropy(members).mean(0)
     return Uncertainty(total, expected, (total - expected).clamp_min(0.0), 2.0 * expected)
+
+
+@dataclass
+class PosteriorOutputs:
+    """What a predictor says about a batch of inputs: the predictive probabilities ``[N, C]``, the per-input
+    :class:`Uncertainty`, per class the credible interval ``lower``/``upper`` ``[N, C]`` (``None`` for one network)
+    and the prediction sets ``[N, C]`` (``None`` without a calibrated threshold)."""
+
+    probs: Tensor
+    uncertainty: Uncertainty
+    lower: Tensor | None
+    upper: Tensor | None
+    sets: Tensor | None
+
+
+@torch.no_grad()
+def posterior_outputs(predictor: nn.Module, x: Tensor, set_threshold: float | None = None,
+                      level: float = 0.95) -> PosteriorOutputs:
+    """Everything of the module docstring for the inputs ``x``: ``set_threshold`` is ``q̂`` of
+    :func:`conformal_threshold` on the validation split (e.g. ``conformal_threshold(predict(predictor, val).log_probs,
+    y_val, 0.95)``); ``level`` that of the credible intervals."""
+    was_training = predictor.training
+    predictor.eval()
+    scores, members = predictor.outputs(x) if hasattr(predictor, "outputs") else (predictor(x), None)
+    predictor.train(was_training)
+    log_probs = F.log_softmax(scores, -1)
+    lower, upper = credible_intervals(members, level) if members is not None else (None, None)
+    sets = prediction_sets(log_probs, set_threshold) if set_threshold is not None else None
+    return PosteriorOutputs(log_probs.exp(), uncertainty(log_probs, members), lower, upper, sets)
 
 
 def credible_intervals(members: Tensor, level: float = 0.95) -> tuple[Tensor, Tensor]:

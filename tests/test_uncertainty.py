@@ -182,3 +182,22 @@ def test_temperature_scaling_recovers_the_temperature_of_overconfident_scores():
     scaled = TemperatureScaled(SingleModel(net), 2.0)
     x = torch.randn(3, 4)
     torch.testing.assert_close(F.softmax(scaled(x), -1), F.softmax(net(x) / 2.0, -1))
+
+
+def test_posterior_outputs_of_a_weight_sample_predictor():
+    from hpmkd.uncertainty import posterior_outputs
+
+    torch.manual_seed(1)
+    members = [nn.Linear(4, 3) for _ in range(5)]
+    predictor = WeightSamples(members[0], [m.state_dict() for m in members])
+    x = torch.randn(6, 4)
+    out = posterior_outputs(predictor, x, set_threshold=0.5, level=0.8)
+    member_probs = torch.stack([F.softmax(m(x), -1) for m in members]).detach()
+    torch.testing.assert_close(out.probs, member_probs.mean(0))
+    torch.testing.assert_close(out.lower, torch.quantile(member_probs, 0.1, dim=0))
+    torch.testing.assert_close(out.upper, torch.quantile(member_probs, 0.9, dim=0))
+    torch.testing.assert_close(out.sets, member_probs.mean(0) >= 0.5)
+    assert (out.uncertainty.mutual_information > 0).all()
+    single = posterior_outputs(SingleModel(members[0]), x)
+    assert single.lower is None and single.sets is None
+    torch.testing.assert_close(single.uncertainty.mutual_information, torch.zeros(6))
