@@ -79,6 +79,12 @@ class WeightSamples(nn.Module):
         self.samples = [dict(s) for s in samples]
         self.register_buffer("weights", uniform_or(weights, len(samples)), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``to(device)``, ``double()`` ... move and cast the samples as they do the module's own tensors."""
+        super()._apply(fn, recurse)
+        self.samples = [{k: fn(v) for k, v in s.items()} for s in self.samples]
+        return self
+
     def member_log_probs(self, x: Tensor) -> Tensor:
         return torch.stack([torch.log_softmax(functional_call(self.model, s, (x,)), -1) for s in self.samples])
 

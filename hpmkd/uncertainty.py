@@ -91,7 +91,7 @@ def credible_intervals(members: Tensor, level: float = 0.95) -> tuple[Tensor, Te
     probabilities (``members``: log-probabilities ``[S, N, C]``), at ``level``."""
     probs = members.exp()
     tail = (1.0 - level) / 2.0
-    bounds = torch.quantile(probs, torch.tensor([tail, 1.0 - tail], dtype=probs.dtype), dim=0)
+    bounds = torch.quantile(probs, torch.tensor([tail, 1.0 - tail], dtype=probs.dtype, device=probs.device), dim=0)
     return bounds[0], bounds[1]
 
 
@@ -120,7 +120,7 @@ def kde_modes(members: Tensor, grid: int = KDE_GRID, chunk: int = 16) -> Tensor:
     exactly (``σ̂ = 0``) the mode is their common value."""
     probs = members.exp().double()
     s = probs.shape[0]
-    points = torch.linspace(0.0, 1.0, grid, dtype=probs.dtype)
+    points = torch.linspace(0.0, 1.0, grid, dtype=probs.dtype, device=probs.device)
     modes = []
     for start in range(0, probs.shape[1], chunk):
         p = probs[:, start:start + chunk]  # [S, n, C]

@@ -201,3 +201,13 @@ def test_posterior_outputs_of_a_weight_sample_predictor():
     single = posterior_outputs(SingleModel(members[0]), x)
     assert single.lower is None and single.sets is None
     torch.testing.assert_close(single.uncertainty.mutual_information, torch.zeros(6))
+
+
+def test_a_weight_sample_predictor_moves_and_casts_its_samples_with_it():
+    torch.manual_seed(2)
+    members = [nn.Linear(4, 3) for _ in range(2)]
+    predictor = WeightSamples(members[0], [m.state_dict() for m in members]).double()
+    assert all(v.dtype == torch.float64 for s in predictor.samples for v in s.values())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    expected = torch.stack([F.softmax(m.double()(x), -1) for m in members]).mean(0)
+    torch.testing.assert_close(predictor(x).exp(), expected)
