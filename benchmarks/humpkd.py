@@ -4,7 +4,7 @@ of the teachers, HumP-KD, and HumP-KD with each part removed in turn.
 Per seed: the full pipeline (teachers, Meta-MLP, ``student_alone``, ``plain_kd``, HumP-KD's ``distill``), then one
 run per part with ``humpkd.<part>=false`` (its teachers and Meta-MLP reused from the MLflow store by content key,
 only its ``distill`` stage computed). Every number comes from the runs' records: macro-F1 on the clean test split and
-the mean macro-F1 over the three severities of Gaussian noise and of motion blur (``test_*_macro_f1``); for every
+macro-F1 under Gaussian noise and under motion blur (``test_noise_macro_f1``, ``test_motion_blur_macro_f1``); for every
 student row, Welch's t-test and the Wilcoxon signed-rank test (paired by seed) of its clean macro-F1 against the
 student alone's (:func:`hpmkd.trials.compare_trials`). Size and CPU throughput (batch 1, one thread) are measured
 side by side in this process, on seed 0's models, interleaved over three rounds (median), so that the ratios are
@@ -37,7 +37,7 @@ from hpmkd.trials import compare_trials
 ROOT = Path(__file__).resolve().parent.parent
 ALONE, PLAIN, FULL = "student alone", "plain KD (mean of teachers)", "HumP-KD"
 ABLATED = {part: f"HumP-KD without {part}" for part in [*PARTS.names(), "meta"]}
-METRICS = {"clean": "test_macro_f1", "noise": "test_gaussian_noise_macro_f1", "blur": "test_motion_blur_macro_f1"}
+METRICS = {"clean": "test_macro_f1", "noise": "test_noise_macro_f1", "blur": "test_motion_blur_macro_f1"}
 ROUNDS = 3
 
 

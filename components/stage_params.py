@@ -38,12 +38,14 @@ TEACHER_KINDS = ("train_teacher", "load_teacher", "fit_teacher")
 @dataclass(frozen=True)
 class TrainModel(StageParams):
     """Train ``model`` with cross-entropy: a teacher (``teacher`` is its name) or the student alone. ``holdout``:
-    rows of the training split it does not train on (:mod:`hpmkd.data.holdout`)."""
+    rows of the training split it does not train on (:mod:`hpmkd.data.holdout`); ``init_seed``: its
+    initialisation's own seed (a deep ensemble's members; the data split stays the experiment seed's)."""
 
     model: ModelRef
     train: TrainConfig
     teacher: str | None = None
     holdout: HoldOut | None = None
+    init_seed: int | None = None
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -52,7 +54,8 @@ class TrainModel(StageParams):
     def settings(self) -> dict[str, Any]:
         return {**({"teacher": self.teacher} if self.teacher else {}), "model": self.model.model,
                 "options": self.model.options, "train": to_dict(self.train),
-                **({"holdout": asdict(self.holdout)} if self.holdout else {})}
+                **({"holdout": asdict(self.holdout)} if self.holdout else {}),
+                **({"init_seed": self.init_seed} if self.init_seed is not None else {})}
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ overrides, and validates everything that can be checked without starting Ray: un
 model / loss / aggregator / schedule names and their options, and that checkpoint files exist.
 
 The core sections are defined here. Every other top-level section is owned by the pipeline or component that reads
-it and registered in :data:`SECTIONS` by its module (imported first, :data:`PLUGIN_MODULES`) (``chain`` by :mod:`hpmkd.pipelines.chain`, ``smskd`` by
-:mod:`hpmkd.pipelines.smskd`, ``config_manager`` by :mod:`hpmkd.search_space`, ``components`` by
-:mod:`hpmkd.pipelines.switches`): a new pipeline adds its section without editing this file. A section class is a
-dataclass with defaults; it may define ``check(path)`` (its own values) and ``check_with(cfg)`` (against the whole
-experiment, after every section is parsed).
+it and registered in :data:`SECTIONS` by its module (imported first, :data:`PLUGIN_MODULES`) (``chain`` by
+:mod:`hpmkd.pipelines.chain`, ``smskd`` by :mod:`hpmkd.pipelines.smskd`, ``mtbkd`` by :mod:`hpmkd.pipelines.mtbkd`,
+``config_manager`` by :mod:`hpmkd.search_space`, ``components`` by :mod:`hpmkd.pipelines.switches`, ``evaluation``
+by :mod:`hpmkd.evaluation`): a new pipeline adds its section without editing this file. A section class is a
+dataclass with defaults; it may define ``check(path)`` (its own values), ``check_with(cfg)`` (against the whole
+experiment, after every section is parsed) and ``check_data(cfg, splits)`` (against the loaded data, in the
+runner's preflight, before any stage runs).
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ class DataConfig:
 class TrainConfig:
     """How one training stage optimises: used by teachers, the student alone and distillation stages.
 
-    ``optimizer`` names an entry of :data:`hpmkd.optim.OPTIMIZERS` (``sgd``, ``adam``, ``adamw``; extra keyword
-    options in ``optimizer_options``), ``lr_schedule`` one of :data:`hpmkd.optim.LR_SCHEDULES` (``cosine``,
-    ``step``, ``constant``)."""
+    ``optimizer`` names an entry of :data:`hpmkd.optim.OPTIMIZERS` (``sgd``, ``adam``, ``adamw``, ``sgld``,
+    ``psgld``; extra keyword options in ``optimizer_options``), ``lr_schedule`` one of
+    :data:`hpmkd.optim.LR_SCHEDULES` (``cosine``, ``step``, ``constant``, ``cyclical``; its options in
+    ``lr_schedule_options``)."""
 
     epochs: int = 5
     batch_size: int = 128
@@ -118,6 +121,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
+    lr_schedule_options: dict[str, Any] = field(default_factory=dict)
     lr_milestones: list[float] = field(default_factory=lambda: [0.625, 0.75, 0.875])
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
@@ -331,8 +335,7 @@ SECTIONS: Registry[Any] = Registry("config section")
 #: pipelines, teacher providers, test metrics. :func:`load_plugins` imports them before a config is read, before a
 #: teacher is built (:func:`hpmkd.teachers.provider_for`) and before test metrics are computed; add a module here
 #: when it registers such an entry and nothing else imports it.
-PLUGIN_MODULES = ("hpmkd.pipelines", "hpmkd.estimator_teacher", "hpmkd.metrics", "hpmkd.f1", "hpmkd.corruptions",
-                  "hpmkd.efficiency")
+PLUGIN_MODULES = ("hpmkd.pipelines", "hpmkd.estimator_teacher", "hpmkd.metrics", "hpmkd.f1", "hpmkd.uncertainty_metrics")
 
 
 @dataclass
@@ -532,6 +535,7 @@ def check_train(cfg: TrainConfig, path: str) -> None:
     OPTIMIZERS.get(cfg.optimizer, f"{path}.optimizer")
     OPTIMIZERS.check_options(cfg.optimizer, cfg.optimizer_options, f"{path}.optimizer_options")
     LR_SCHEDULES.get(cfg.lr_schedule, f"{path}.lr_schedule")
+    LR_SCHEDULES.check_options(cfg.lr_schedule, cfg.lr_schedule_options, f"{path}.lr_schedule_options")
 
 
 def check_recipe(recipe: Recipe, path: str) -> None:

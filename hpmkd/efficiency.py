@@ -7,7 +7,7 @@
   :data:`BUDGET_S` seconds have gone by (at most :data:`MAX_PASSES`). A copy of the predictor is timed; its device
   is left alone.
 
-Recorded per stage (``test_size_mb``, ``test_cpu_fps``); a throughput measured while other work shares the machine
+Recorded per final stage when ``evaluation.efficiency`` is on (``test_size_mb``, ``test_cpu_fps``); a throughput measured while other work shares the machine
 is noisy, so comparisons between models are made side by side in one process (``benchmarks/humpkd.py``).
 """
 
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from hpmkd.data.source import BatchSource
-from hpmkd.evaluation import METRICS
 
 FPS_THREADS = 1
 WARMUP = 3
@@ -53,9 +52,8 @@ def cpu_fps(model: nn.Module, x: torch.Tensor, threads: int = FPS_THREADS, budge
         torch.set_num_threads(before)
 
 
-@METRICS.register("efficiency")
-def efficiency(predictor: nn.Module | None, split: BatchSource | None) -> dict[str, float]:
-    """``size_mb`` and ``cpu_fps`` of the predictor (module docstring)."""
-    if predictor is None or split is None or len(split) == 0:
+def efficiency(predictor: nn.Module, split: BatchSource) -> dict[str, float]:
+    """``size_mb`` and ``cpu_fps`` of the predictor on the first row of ``split`` (module docstring)."""
+    if len(split) == 0:
         return {}
     return {"size_mb": size_mb(predictor), "cpu_fps": cpu_fps(predictor, split.rows(torch.arange(1))[0])}

@@ -173,13 +173,20 @@ class EntropyWeights(Aggregator):
     mix = "loss"
 
     def weigh(self, teacher_logits, y, x, student_logits, temperature) -> AggregateOut:
-        with torch.no_grad():
-            log_q = F.log_softmax(teacher_logits.detach(), dim=-1)
-            entropy = -(log_q.exp() * log_q).sum(-1)  # [M, B]
-            total = entropy.sum(0, keepdim=True).clamp_min(torch.finfo(entropy.dtype).tiny)
-            raw = 1.0 - entropy / total
-            weights = raw / raw.sum(0, keepdim=True)
-        return AggregateOut(weights.t())
+        return AggregateOut(entropy_weights(teacher_logits))
+
+
+def entropy_weights(teacher_logits: Tensor) -> Tensor:
+    """The entropy weights of :class:`EntropyWeights`, ``[B, M]``, detached; ones for a single teacher."""
+    m, b, _ = teacher_logits.shape
+    if m == 1:
+        return torch.ones(b, 1, dtype=teacher_logits.dtype, device=teacher_logits.device)
+    with torch.no_grad():
+        log_q = F.log_softmax(teacher_logits.detach(), dim=-1)
+        entropy = -(log_q.exp() * log_q).sum(-1)  # [M, B]
+        total = entropy.sum(0, keepdim=True).clamp_min(torch.finfo(entropy.dtype).tiny)
+        raw = 1.0 - entropy / total
+        return (raw / raw.sum(0, keepdim=True)).t()
 
 
 @AGGREGATORS.register("confidence")

@@ -3,8 +3,9 @@
 An optimiser entry is ``factory(params, cfg: TrainConfig, **options) -> torch.optim.Optimizer`` (``options`` from
 ``train.optimizer_options``); a schedule entry is ``factory(cfg, total_steps, steps_per_epoch) -> shape`` where
 ``shape(p)`` multiplies the base learning rate at training progress ``p ∈ [0, 1]`` (after the linear warm-up of
-``train.warmup_epochs``, which every schedule shares, :func:`lr_factor`). A new optimiser (SGLD, pSGLD) or schedule
-(cyclical) is one registered entry.
+``train.warmup_epochs``, which every schedule shares, :func:`lr_factor`; its options from
+``train.lr_schedule_options``). A new optimiser or schedule is one registered entry: the Langevin samplers ``sgld``
+and ``psgld`` and the ``cyclical`` step size are in :mod:`hpmkd.langevin`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from hpmkd.registry import Registry
+from hpmkd.registry import Registry, user_options
 
 if TYPE_CHECKING:
     from hpmkd.config import TrainConfig
@@ -46,9 +47,14 @@ def adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser ``cfg.optimizer`` with ``cfg.optimizer_options``."""
-    return OPTIMIZERS.build(cfg.optimizer, cfg.optimizer_options, "train.optimizer_options", params=params, cfg=cfg)
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, data_size: int | None = None) -> torch.optim.Optimizer:
+    """The optimiser ``cfg.optimizer`` with ``cfg.optimizer_options``. An optimiser with a ``data_size`` option (the
+    Langevin samplers' ``N``) that the options leave out gets ``data_size``, the training split's size."""
+    options = dict(cfg.optimizer_options)
+    accepted = user_options(OPTIMIZERS.get(cfg.optimizer, "train.optimizer"), OPTIMIZERS.context)
+    if data_size is not None and accepted is not None and "data_size" in accepted:
+        options.setdefault("data_size", data_size)
+    return OPTIMIZERS.build(cfg.optimizer, options, "train.optimizer_options", params=params, cfg=cfg)
 
 
 @LR_SCHEDULES.register("cosine")
@@ -72,8 +78,8 @@ def lr_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Facto
     """Multiplier of the base learning rate at optimisation step ``s``: a linear warm-up over
     ``train.warmup_epochs``, then the schedule ``train.lr_schedule`` at progress ``(s − warm) / (total − warm)``."""
     warm = cfg.warmup_epochs * steps_per_epoch
-    schedule = LR_SCHEDULES.build(cfg.lr_schedule, {}, "train.lr_schedule", cfg=cfg, total_steps=total_steps,
-                                  steps_per_epoch=steps_per_epoch)
+    schedule = LR_SCHEDULES.build(cfg.lr_schedule, cfg.lr_schedule_options, "train.lr_schedule_options", cfg=cfg,
+                                  total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
     def factor(s: int) -> float:
         if s < warm:
@@ -81,3 +87,6 @@ def lr_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Facto
         return schedule((s - warm) / max(1, total_steps - warm))
 
     return factor
+
+
+from hpmkd import langevin  # noqa: E402,F401  (registers sgld, psgld and cyclical)

@@ -8,13 +8,19 @@ distribution:
   predictive distribution is the average of the samples' distributions, ``p(y|x) = (1/S) Σ_s softmax(f_{θ_s}(x))``,
   and the scores are its logarithm;
 * :class:`Ensemble`: several networks (possibly different architectures sharing one output space), averaged the same
-  way.
+  way;
+* :class:`KdeModeSamples`: weight samples whose prediction is, per class, the mode of a kernel density estimate of
+  the samples' probabilities, renormalised (MT-BKD's reference prediction, :func:`hpmkd.uncertainty.kde_modes`).
+
+A predictor of several members also has ``outputs(x) -> (scores, member log-probabilities [S, B, C])``, from which
+the per-input uncertainty is computed (:mod:`hpmkd.uncertainty`).
 
 Checkpoint format (``model.pt``, read with ``torch.load(weights_only=True)``, :func:`save_predictor` /
 :func:`load_predictor`):
 
 * a single model is its plain state dict (so a ``model.pt`` is also a teacher ``checkpoint``);
-* otherwise ``{"predictor": "weight_samples" | "ensemble", "members": [state_dict, ...], "weights": [w, ...]}``: one
+* otherwise ``{"predictor": "weight_samples" | "kde_mode" | "ensemble", "members": [state_dict, ...], "weights": [w,
+  ...]}``: one
   state dict per sample or member (an ensemble's members all have the architecture of the reference it is loaded
   with) and the mixture weights (uniform when absent).
 """
@@ -32,6 +38,7 @@ from hpmkd.checkpoint import load, model_state_of, save_atomic
 from hpmkd.models.ref import DataShape, ModelRef
 from hpmkd.models.state import load_state_checked
 from hpmkd.registry import Registry
+from hpmkd.uncertainty import kde_modes
 
 PREDICTOR_KEY = "predictor"
 
@@ -72,15 +79,41 @@ class WeightSamples(nn.Module):
         self.samples = [dict(s) for s in samples]
         self.register_buffer("weights", uniform_or(weights, len(samples)), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``to(device)``, ``double()`` ... move and cast the samples as they do the module's own tensors."""
+        super()._apply(fn, recurse)
+        self.samples = [{k: fn(v) for k, v in s.items()} for s in self.samples]
+        return self
+
     def member_log_probs(self, x: Tensor) -> Tensor:
         return torch.stack([torch.log_softmax(functional_call(self.model, s, (x,)), -1) for s in self.samples])
 
+    def scores(self, members: Tensor) -> Tensor:
+        """The predictive log-probabilities from the members' ``[S, B, C]``."""
+        return mixture_log_probs(members, self.weights)
+
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        members = self.member_log_probs(x)
+        return self.scores(members), members
+
     def forward(self, x: Tensor) -> Tensor:
-        return mixture_log_probs(self.member_log_probs(x), self.weights)
+        return self.scores(self.member_log_probs(x))
 
     def payload(self) -> dict[str, Any]:
         return {PREDICTOR_KEY: self.kind, "members": [{k: v.detach().cpu() for k, v in s.items()} for s in self.samples],
                 "weights": self.weights.tolist()}
+
+
+class KdeModeSamples(WeightSamples):
+    """Weight samples predicting, per class, the mode of a kernel density estimate of the samples' probabilities,
+    renormalised over the classes: ``p(y = c | x) ∝ mode_KDE({p_s,c(x)})`` (MT-BKD's reference notebook,
+    ``AnonymousSub1/MTBKD`` ``pred_deviance_infer_git.ipynb``). The sample weights are not used by the KDE."""
+
+    kind = "kde_mode"
+
+    def scores(self, members: Tensor) -> Tensor:
+        modes = kde_modes(members).clamp_min(torch.finfo(members.dtype).tiny)
+        return modes.log() - modes.sum(-1, keepdim=True).log()
 
 
 class Ensemble(nn.Module):
@@ -97,6 +130,10 @@ class Ensemble(nn.Module):
 
     def member_log_probs(self, x: Tensor) -> Tensor:
         return torch.stack([torch.log_softmax(m(x), -1) for m in self.members])
+
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        members = self.member_log_probs(x)
+        return mixture_log_probs(members, self.weights), members
 
     def forward(self, x: Tensor) -> Tensor:
         return mixture_log_probs(self.member_log_probs(x), self.weights)
@@ -120,11 +157,13 @@ LOADERS: Registry[nn.Module] = Registry("predictor")
 
 
 @LOADERS.register(WeightSamples.kind)
+@LOADERS.register(KdeModeSamples.kind)
 def load_samples(ref: ModelRef, shape: DataShape, payload: dict[str, Any]) -> nn.Module:
     model = ref.build(shape)
     for member in payload["members"]:
         load_state_checked(model, member)
-    return WeightSamples(model, payload["members"], payload.get("weights"))
+    kind = KdeModeSamples if payload[PREDICTOR_KEY] == KdeModeSamples.kind else WeightSamples
+    return kind(model, payload["members"], payload.get("weights"))
 
 
 @LOADERS.register(Ensemble.kind)

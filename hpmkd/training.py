@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from hpmkd import posterior  # noqa: F401  (registers the posterior_sampling callback and selection)
 from hpmkd.callbacks import Batch, Callback, LoopState, build_callbacks
 from hpmkd.config import DataConfig, DistillConfig, TrainConfig
 from hpmkd.data import DataSplits, augment, load_dataset
@@ -30,7 +31,7 @@ from hpmkd.data.holdout import HoldOut
 from hpmkd.data.views import ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.distiller import CrossEntropyObjective, Distiller, StepOutput
-from hpmkd.evaluation import evaluate, predict, test_metrics
+from hpmkd.evaluation import EvaluationConfig, evaluate, final_test_metrics
 from hpmkd.models import count_params, load_state_checked, model_taps
 from hpmkd.models.ref import ModelRef
 from hpmkd.models.state import state_digest
@@ -57,6 +58,12 @@ class StageSpec:
     chosen on validation only). ``selection``: what the stage selects (:data:`hpmkd.selection.SELECTIONS`).
     ``holdout``: rows of the training split the stage does not train on (:mod:`hpmkd.data.holdout`; teachers
     whose outputs on those rows a Meta-MLP is later fitted on).
+    chosen on validation only), with the registered test metrics and shifts as ``evaluation`` says
+    (:func:`hpmkd.evaluation.final_test_metrics`). ``selection``: what the stage selects
+    (:data:`hpmkd.selection.SELECTIONS`). ``callback_options``: typed options of the stage's callbacks and selection,
+    by the name they are registered under (a callback that needs options applies when its entry is present).
+    ``init_seed``: the seed of the model's initialisation and of the loop's global random draws, when they should
+    differ from ``seed``, which also fixes the data split (the chains of a posterior, an ensemble's members).
     """
 
     name: str
@@ -73,6 +80,9 @@ class StageSpec:
     read_test: bool = True
     selection: str = "best_epoch"
     holdout: HoldOut | None = None
+    callback_options: dict[str, Any] = field(default_factory=dict)
+    init_seed: int | None = None
+    evaluation: EvaluationConfig | None = None
 
 
 @dataclass
@@ -106,7 +116,7 @@ def prefetching(
 
 def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     """Train ``spec.model`` and return the selected predictor's metrics (see module docstring)."""
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed if spec.init_seed is None else spec.init_seed)
     splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
     if spec.holdout is not None:
         splits = replace(splits, train=spec.holdout.kept(splits.train))
@@ -129,7 +139,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     first_teachers = request_teachers(env, objective, first_x, first_idx)()
     objective.setup(first_x, first_y.to(env.device), first_idx, first_teachers, total_epochs=cfg.epochs)
 
-    optimizer = make_optimizer(list(model.parameters()) + objective.extra_parameters(), cfg)
+    optimizer = make_optimizer(list(model.parameters()) + objective.extra_parameters(), cfg, len(splits.train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, cfg.epochs * steps_per_epoch, steps_per_epoch))
     wrapped = env.wrap(objective)
     state = LoopState(spec, env, splits, model, objective, optimizer, scheduler, steps_per_epoch)
@@ -218,8 +228,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     if spec.read_test:
         acc, loss = evaluate(predictor, splits.test, cfg.eval_batch_size, env.device)
         tested = {"test_acc": acc, "test_loss": loss,
-                  **test_metrics(predict(predictor, splits.test, cfg.eval_batch_size, env.device), predictor,
-                                 splits.test, cfg.eval_batch_size, env.device)}
+                  **final_test_metrics(predictor, splits, cfg.eval_batch_size, env.device, spec.evaluation)}
     return {
         **tested,
         **selection.summary(),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hpmkd.components.graph import Stage
 from hpmkd.config import ExperimentConfig
-from hpmkd.pipelines import chain, hpmkd, humpkd, kd, smskd, tabular  # noqa: F401  (register the pipelines;
+from hpmkd.pipelines import chain, hpmkd, humpkd, kd, mtbkd, smskd, tabular  # noqa: F401  (register the pipelines;
 # tabular: the estimator teachers' section and stage)
 from hpmkd.pipelines.config_manager import with_tune_stage
 from hpmkd.pipelines.registry import PIPELINES

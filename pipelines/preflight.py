@@ -9,7 +9,9 @@ before anything is recorded (``hpmkd run``, ``hpmkd ablate``) or instead of runn
    values the architecture rejects (a negative width, a torchvision builder's unknown keyword) fail here;
 3. every distillation recipe builds its objective (methods, aggregator, temperature schedule) for its student and
    teachers on the meta device: option values a method or aggregator rejects fail here;
-4. every teacher checkpoint loads safely (``weights_only``) and fits its model.
+4. every teacher checkpoint loads safely (``weights_only``) and fits its model;
+5. every config section that checks itself against the data (``check_data(cfg, splits)``, e.g. MT-BKD's sampling
+   length against the steps an epoch has) agrees.
 
 Each failure is a :class:`~hpmkd.registry.ConfigError` naming the config key (or the stage) and the fix.
 """
@@ -45,6 +47,10 @@ def preflight(plan: ExperimentPlan, splits: DataSplits | None = None, download: 
     for stage in plan.stages:
         check_objective(cfg, stage, plan.stages, splits)
     check_checkpoints(cfg, splits.shape)
+    for section in cfg.sections.values():
+        check_data = getattr(section, "check_data", None)
+        if check_data is not None:
+            check_data(cfg, splits)
     return splits
 
 

@@ -13,7 +13,8 @@ from hpmkd.components.graph import Stage, StageResult
 from hpmkd.components.stage_params import TEACHER_KINDS, TunedConfig
 from hpmkd.config import ExperimentConfig
 
-STUDENT_KINDS = ("distill",)
+#: the kinds whose model is a distilled student (the last one in the graph is the experiment's student)
+STUDENT_KINDS = ("distill", "posterior_chain", "pool_predictors")
 
 
 def summarise(
@@ -84,12 +85,12 @@ def config_manager(rows: list[StageResult]) -> dict[str, Any] | None:
 
 def format_table(summary: dict[str, Any]) -> str:
     """A plain-text table: each stage's model, parameters, accuracies, status and wall time; then the ratios."""
-    lines = [f"{'stage':<22}{'kind':<15}{'model':<16}{'params':>10}{'val_acc':>9}{'test_acc':>9}{'wall_s':>8}  status"]
+    lines = [f"{'stage':<22}{'kind':<17}{'model':<16}{'params':>10}{'val_acc':>9}{'test_acc':>9}{'wall_s':>8}  status"]
     for row in summary["stages"]:
         m = row["metrics"]
         params = m.get("params")
         lines.append(
-            f"{row['name']:<22}{row['kind']:<15}{row['model'] or '-':<16}"
+            f"{row['name']:<22}{row['kind']:<17}{row['model'] or '-':<16}"
             f"{(f'{int(params):,}' if params else '-'):>10}{fmt(m.get('val_acc')):>9}{fmt(m.get('test_acc')):>9}"
             f"{row['wall_s']:>8.1f}  {row['status']}{' (reused)' if row['reused'] else ''}"
         )

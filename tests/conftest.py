@@ -102,3 +102,19 @@ def train_digits_teacher(folder, hidden: int, depth: int, epochs: int) -> str:
     path = folder / checkpoint.STATE_FILE
     checkpoint.save_atomic(states[-1], path)
     return str(path)
+
+
+def kill_a_train_worker() -> int | None:
+    """SIGKILL one live Ray Train worker process of this session's cluster; its pid, or ``None`` when there is none."""
+    import os
+    import signal
+
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # this session's cluster, even if others run on the machine
+    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True):
+        if actor.class_name == "RayTrainWorker" and actor.pid:
+            os.kill(actor.pid, signal.SIGKILL)
+            return actor.pid
+    return None

@@ -62,7 +62,7 @@ def test_bad_value_is_rejected_with_the_allowed_range():
 
 def test_registry_choices_are_listed():
     message = error_of(smoke_data(), ["train.optimizer=rmsprop"])
-    assert "train.optimizer: unknown optimizer 'rmsprop'" in message and "adam, adamw, sgd" in message
+    assert "train.optimizer: unknown optimizer 'rmsprop'" in message and "adam, adamw, psgld, sgd, sgld" in message
     message = error_of(smoke_data(), ["train.lr_schedule=cosin"])
     assert "train.lr_schedule: unknown lr schedule 'cosin'. Did you mean 'cosine'" in message
     message = error_of(smoke_data(), ["train.optimizer_options={betas: [0.9, 0.99]}"])

@@ -351,8 +351,8 @@ def test_iris_max_subsets_keep_every_class():
 
 
 def test_registered_dataset_names():
-    assert DATASETS.names() == ["breast_cancer", "cifar10", "cifar100", "digits", "fashion_mnist", "image_folder", "iris",
-                                "synthetic", "table", "wine"]
+    assert DATASETS.names() == ["breast_cancer", "cifar10", "cifar100", "digits", "fashion_mnist", "gaussian_mixture",
+                                "image_folder", "iris", "synthetic", "table", "wine"]
 
 
 # --------------------------------------------------------------------------------------------------- fingerprint

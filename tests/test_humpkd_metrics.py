@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from hpmkd.corruptions import blur_length, gaussian_noise, motion_blur
 from hpmkd.data.base import Split
 from hpmkd.efficiency import cpu_fps, size_mb
 from hpmkd import evaluation
-from hpmkd.evaluation import Predictions
+from hpmkd.evaluation import SHIFTS, EvaluationConfig, Predictions
 from hpmkd.trials import compare_trials
+from hpmkd.uncertainty_metrics import blur_length
 
 
 def predictions(predicted: list[int], labels: list[int], classes: int) -> Predictions:
@@ -28,28 +28,21 @@ def test_macro_f1_by_hand_and_binary_f1_for_two_classes():
     # class 0: tp 2, fp 1, fn 0 -> F1 0.8; class 1: tp 1, fp 0, fn 1 -> 2/3; class 2: never predicted nor present -> 0
     out = evaluation.test_metrics(predictions([0, 0, 1, 0], [0, 0, 1, 1], 3))
     assert out["test_macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0) / 3)
-    assert "test_f1" not in out and "test_corruptions" not in out and "test_cpu_fps" not in out  # no predictor given
+    assert "test_f1" not in out and "test_cpu_fps" not in out  # binary F1 needs two classes; speed is opt-in
     binary = evaluation.test_metrics(predictions([0, 0, 1, 0], [0, 0, 1, 1], 2))
     assert binary["test_f1"] == pytest.approx(2 / 3) and binary["test_macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
-
-
-def test_gaussian_noise_is_fixed_per_row_whatever_the_batch():
-    x = torch.zeros(4, 2, 3, 3)
-    whole = gaussian_noise(x, torch.arange(4), 0.5)
-    parts = torch.cat([gaussian_noise(x[:1], torch.arange(1), 0.5), gaussian_noise(x[1:], torch.arange(1, 4), 0.5)])
-    assert torch.equal(whole, parts)
-    assert torch.equal(whole[2], 0.5 * torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(2)))
 
 
 def test_motion_blur_is_a_horizontal_box_average_with_replicated_edges():
     assert [blur_length(28, f) for f in (0.08, 0.16, 0.24)] == [3, 5, 7]
     assert [blur_length(224, f) for f in (0.08, 0.16, 0.24)] == [17, 35, 53]
     x = torch.tensor([[[[0.0, 3.0, 6.0, 9.0]]]])
-    blurred = motion_blur(x, torch.arange(1), 0.08)  # width 4 -> length 3
+    blurred = SHIFTS.build("motion_blur", {"fraction": 0.08}, "shift")(x, torch.arange(1))  # width 4 -> length 3
     assert torch.allclose(blurred, torch.tensor([[[[1.0, 3.0, 6.0, 8.0]]]]))  # (0+0+3)/3, (0+3+6)/3, ... (6+9+9)/3
+    assert SHIFTS.build("motion_blur", {}, "shift")(torch.zeros(2, 3), torch.arange(2)) is None  # images only
 
 
-def test_corruption_and_efficiency_metrics_run_the_predictor():
+def test_shifted_f1_and_opt_in_efficiency_run_the_predictor():
     torch.manual_seed(0)
     x = torch.randn(12, 1, 8, 8)
     y = (x[:, 0, :, :4].mean((1, 2)) > x[:, 0, :, 4:].mean((1, 2))).long()  # left half brighter than the right
@@ -58,22 +51,32 @@ def test_corruption_and_efficiency_metrics_run_the_predictor():
         model[1].weight.zero_()
         model[1].weight[1].view(8, 8)[:, :4] = 1.0
         model[1].weight[1].view(8, 8)[:, 4:] = -1.0
-    split = Split(x, y)
-    clean = Predictions(F.log_softmax(model(x), -1).detach(), y)
-    out = evaluation.test_metrics(clean, model, split, batch_size=5)
+
+    class Splits:
+        val = test = Split(x, y)
+
+    options = EvaluationConfig(shifts={"noise": {"sigma": 1.0}, "motion_blur": {"fraction": 0.08}}, efficiency=True)
+    out = evaluation.final_test_metrics(model, Splits, 5, torch.device("cpu"), options)
     assert out["test_macro_f1"] == 1.0
-    for name in ("gaussian_noise", "motion_blur"):
-        levels = [out[f"test_{name}_{s}_macro_f1"] for s in (1, 2, 3)]
-        assert out[f"test_{name}_macro_f1"] == pytest.approx(sum(levels) / 3)
-        assert all(0 <= v <= 1 for v in levels)
-    noisy = torch.cat([gaussian_noise(x[i:i + 1], torch.tensor([i]), 1.0) for i in range(12)])
-    acc = float((model(noisy).argmax(1) == y).float().mean())
-    assert out["test_gaussian_noise_3_acc"] == pytest.approx(acc)
+    noisy = SHIFTS.build("noise", {"sigma": 1.0}, "shift")(x, torch.arange(12))
+    predicted = model(noisy).argmax(1)
+    assert out["test_noise_acc"] == pytest.approx(float((predicted == y).float().mean()))
+    assert out["test_noise_macro_f1"] == pytest.approx(macro_f1_by_hand(predicted, y, 2))
+    blurred = SHIFTS.build("motion_blur", {"fraction": 0.08}, "shift")(x, torch.arange(12))
+    assert out["test_motion_blur_acc"] == pytest.approx(float((model(blurred).argmax(1) == y).float().mean()))
     assert out["test_size_mb"] == pytest.approx((64 * 2 + 2) * 4 / 2**20)
     assert out["test_cpu_fps"] > 0
-    rows = Split(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
-    tabular = evaluation.test_metrics(clean, nn.Linear(3, 2), rows)
-    assert not any(k.startswith(("test_gaussian", "test_motion")) for k in tabular)  # images only
+    plain = evaluation.final_test_metrics(model, Splits, 5, torch.device("cpu"), EvaluationConfig(shifts={}))
+    assert "test_cpu_fps" not in plain and not any(k.startswith("test_noise") for k in plain)  # opt-in only
+
+
+def macro_f1_by_hand(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
+    scores = []
+    for c in range(classes):
+        tp = int(((predicted == c) & (labels == c)).sum())
+        fp, fn = int(((predicted == c) & (labels != c)).sum()), int(((predicted != c) & (labels == c)).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / classes
 
 
 def test_size_and_throughput_at_batch_one():

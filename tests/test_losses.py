@@ -80,9 +80,10 @@ def build(name, num_teachers=1, num_train=100, num_classes=4, **options):
 
 
 def test_registered_losses():
-    assert set(LOSSES.names()) == {"kd", "dkd", "fitnet", "at", "rkd", "pkt", "crd", "hierarchical", "reference"}
+    assert set(LOSSES.names()) == {"kd", "dkd", "fitnet", "at", "rkd", "pkt", "crd", "hierarchical", "reference",
+                                   "mtbkd_prior"}
     assert LOSSES.get("kd").uses_temperature and LOSSES.get("dkd").uses_temperature
-    others = ("fitnet", "at", "rkd", "pkt", "crd", "hierarchical", "reference")
+    others = ("fitnet", "at", "rkd", "pkt", "crd", "hierarchical", "reference", "mtbkd_prior")
     assert not any(LOSSES.get(n).uses_temperature for n in others)
 
 
@@ -544,3 +545,82 @@ def test_reference_is_zero_when_the_student_equals_the_reference_and_needs_one()
         loss(make_batch(t(ZS), [ZT_CONF]))
     with pytest.raises(ConfigError, match="unknown reference weighting 'one_minus_tpc'"):
         build("reference", mode="one_minus_tpc")
+
+
+# ---------------------------------------------------------------------------------------------- MT-BKD prior
+def np_entropy_weights(teacher_logits):
+    """MT-BKD's reference weights, in bits as ``loss_fn_kd_mix_weighted``: ``w̃_m = 1 − H_m / Σ_j H_j``, normalised."""
+    q = np_softmax(teacher_logits)
+    h = -(q * np.log2(q)).sum(-1)  # [M, B]
+    raw = 1.0 - h / h.sum(0, keepdims=True)
+    return (raw / raw.sum(0, keepdims=True)).T  # [B, M]
+
+
+def scipy_log_dirichlet(student_logits, teacher_logits, lam, T):
+    """``log Dir(σ(z_S/T); 1 + λ σ(z_m/T))`` per teacher and sample, ``[M, B]``, by scipy.stats.dirichlet."""
+    from scipy.stats import dirichlet
+
+    p = np_softmax(np.asarray(student_logits, dtype=np.float64) / T)
+    return np.array([[dirichlet.logpdf(p[i], 1.0 + lam * np_softmax(np.asarray(z[i], dtype=np.float64) / T))
+                      for i in range(len(p))] for z in teacher_logits])
+
+
+def test_mtbkd_prior_is_the_entropy_weighted_dirichlet_mixture():
+    lam, T = 5.0, 2.0
+    teachers = np.stack([ZT, ZT2])
+    log_dir = scipy_log_dirichlet(ZS, teachers, lam, T)  # the Dirichlet log-densities, one scipy call each
+    w = np_entropy_weights(teachers)
+    by_hand = []  # log Σ_m w_m exp(log Dir_m), as a log-sum-exp written out
+    for i in range(len(ZS)):
+        terms = np.log(w[i]) + log_dir[:, i]
+        top = terms.max()
+        by_hand.append(top + np.log(np.exp(terms - top).sum()))
+    loss = build("mtbkd_prior", num_teachers=2, lam=lam, T=T)(make_batch(t(ZS), teachers))
+    assert loss.keys() == {"prior"}
+    np.testing.assert_allclose(loss["prior"].item(), -np.mean(by_hand), rtol=1e-5)
+
+
+def test_mtbkd_entropy_weights_sum_to_one_and_favour_the_confident_teacher():
+    from hpmkd.ensemble import entropy_weights
+
+    confident, unsure = np.array([[6.0, 0.0, 0.0, 0.0]] * 3), np.array([[0.5, 0.4, 0.3, 0.2]] * 3)
+    w = entropy_weights(t(np.stack([unsure, confident])))
+    torch.testing.assert_close(w.sum(1), torch.ones(3))
+    assert (w[:, 1] > w[:, 0]).all() and (w[:, 1] > 0.8).all()
+    np.testing.assert_allclose(w.numpy(), np_entropy_weights(np.stack([unsure, confident])), rtol=1e-5)
+    assert not w.requires_grad
+
+
+def test_mtbkd_prior_with_one_teacher_is_single_teacher_bkd():
+    lam, T = 5.0, 2.0
+    loss = build("mtbkd_prior", num_teachers=1, lam=lam, T=T)(make_batch(t(ZS), np.stack([ZT])))
+    bkd = -scipy_log_dirichlet(ZS, np.stack([ZT]), lam, T)[0].mean()  # −log Dir(p_S; 1 + λ q_T)
+    np.testing.assert_allclose(loss["prior"].item(), bkd, rtol=1e-5)
+
+
+def test_mtbkd_prior_stays_finite_for_large_lambda():
+    """λ = 200 with a student far from the teachers: for the first sample every teacher's Dirichlet density
+    underflows to 0 in float32 (the reference code's ``log Σ_m w_m exp(log Dir_m)`` would be log 0), while the
+    log-space mixture and its gradient stay finite."""
+    zs = t(np.array([[8.0, -8.0, 0.0, 0.0], [-8.0, 8.0, 0.0, 0.0], [0.0, 0.0, 8.0, -8.0]]), grad=True)
+    teachers = np.stack([-np.asarray(ZS) * 6, np.asarray(ZT2) * 6])
+    log_dir = scipy_log_dirichlet(zs.detach().numpy(), teachers, 200.0, 2.0)
+    assert (np.exp(log_dir.astype(np.float32))[:, 0] == 0).all()  # what exponentiating first would sum
+    loss = build("mtbkd_prior", num_teachers=2, lam=200.0)(make_batch(zs, teachers))["prior"]
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zs.grad).all() and zs.grad.abs().sum() > 0
+    w = np_entropy_weights(teachers)
+    np.testing.assert_allclose(loss.item(), -np.mean([np.logaddexp(*(np.log(w[i]) + log_dir[:, i]))
+                                                      for i in range(3)]), rtol=1e-5)
+
+
+def test_mtbkd_prior_can_use_the_aggregator_weights_and_checks_its_options():
+    teachers = np.stack([ZT, ZT2])
+    loss = build("mtbkd_prior", num_teachers=2, weights="aggregator")(make_batch(t(ZS), teachers, weights=W2))
+    log_dir = scipy_log_dirichlet(ZS, teachers, 5.0, 2.0)
+    expected = -np.mean([np.logaddexp(*(np.log(W2[i]) + log_dir[:, i])) for i in range(3)])
+    np.testing.assert_allclose(loss["prior"].item(), expected, rtol=1e-5)
+    with pytest.raises(ConfigError, match="lam and T must be > 0"):
+        build("mtbkd_prior", num_teachers=2, lam=0.0)
+    with pytest.raises(ConfigError, match="lamda.*Did you mean 'lam'"):
+        LOSSES.check_options("mtbkd_prior", {"lamda": 5}, "distill.methods.mtbkd_prior")

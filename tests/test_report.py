@@ -151,6 +151,7 @@ def test_missing_data_is_said_not_drawn(store):
     assert "No stage in this experiment recorded `teacher_weight.*`" in bare
     assert "No stage in this experiment recorded a `temperature` metric" in bare
     assert "No stage runs recorded." in bare
+    assert "No student stage in this experiment recorded calibration metrics" in bare
     assert "No failed or killed runs." in bare
     assert not list(store["out"].glob("bare-*.png"))
 
@@ -166,7 +167,8 @@ def test_the_cli_logs_nothing_unless_asked(store, tmp_path):
     (logged,) = client.search_runs([store["experiment_id"]], "tags.kind = 'report'")
     files = {a.path for a in client.list_artifacts(logged.info.run_id, "report")}
     assert files == {"report/report.md", *(f"report/smoke-{n}.png" for n in
-                                           ("accuracy_vs_compression", "teacher_weights", "temperature", "timeline"))}
+                                           ("accuracy_vs_compression", "teacher_weights", "temperature", "timeline",
+                                            "reliability"))}
 
 
 def test_an_unknown_experiment_is_an_error_listing_the_known_ones(store, tmp_path, capsys):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ from mlflow import MlflowClient
 from hpmkd.components.tracking import child_runs
 from hpmkd.config import load_config
 from hpmkd.pipelines.runner import run_experiment
+from conftest import kill_a_train_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,10 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def kill_worker_after_first_epoch(uri: str, stop: threading.Event) -> list[int]:
     """Wait until a stage has logged epoch 1 to MLflow (so epoch 0's checkpoint is registered), then SIGKILL its Ray
     Train worker process (once)."""
-    import ray
-    from ray.util.state import list_actors
-
-    address = ray.get_runtime_context().gcs_address  # this session's cluster, even if others run on the machine
     killed: list[int] = []
     client = MlflowClient(uri)
     while not stop.is_set() and not killed:
@@ -35,11 +30,9 @@ def kill_worker_after_first_epoch(uri: str, stop: threading.Event) -> list[int]:
             continue
         if not runs:
             continue
-        for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True):
-            if actor.class_name == "RayTrainWorker" and actor.pid:
-                os.kill(actor.pid, signal.SIGKILL)
-                killed.append(actor.pid)
-                break
+        pid = kill_a_train_worker()
+        if pid is not None:
+            killed.append(pid)
     return killed
 
 

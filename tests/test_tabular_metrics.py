@@ -10,10 +10,11 @@ from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
 from hpmkd.config import config_from_data
 from hpmkd import evaluation
-from hpmkd.evaluation import Predictions
-from hpmkd.metrics import auc, ece
+from hpmkd.evaluation import EvaluationConfig, Predictions
+from hpmkd.metrics import auc
 from hpmkd.pipelines import plan_experiment
 from hpmkd.registry import ConfigError
+from hpmkd.uncertainty_metrics import ece
 
 
 def predictions(probs, y) -> Predictions:
@@ -36,7 +37,7 @@ def test_ece_by_hand_and_accuracy_and_log_loss_match_scikit_learn():
     y = [0, 1, 1, 1]
     # top-label confidences 0.95 (right), 0.9 (wrong), 0.7 (right), 0.6 (wrong); bins of width 1/15:
     # {0.95}: |1 - 0.95|, {0.9}: |0 - 0.9|, {0.7}: |1 - 0.7|, {0.6}: |0 - 0.6|, each of weight 1/4
-    assert ece(predictions(probs, y))["ece"] == pytest.approx((0.05 + 0.9 + 0.3 + 0.6) / 4)
+    assert ece(predictions(probs, y), EvaluationConfig())["ece"] == pytest.approx((0.05 + 0.9 + 0.3 + 0.6) / 4)
     class Table:
         x = torch.tensor(probs, dtype=torch.float32).log()
 

@@ -64,6 +64,15 @@ class Bar:
     reused: bool
 
 
+@dataclass(frozen=True)
+class Reliability:
+    """One predictor's reliability diagram on one test split: per non-empty confidence bin, its mean confidence,
+    accuracy and share of the inputs."""
+
+    label: str
+    bins: list[tuple[float, float, float]]  # (confidence, accuracy, fraction)
+
+
 def save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI)
@@ -147,4 +156,27 @@ def spreads(groups: list[Spread], path: Path, ylabel: str, reference: float | No
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small", title="◆ mean ± std", title_fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save(fig, path)
+
+
+def reliability(panels: list[tuple[str, list[Reliability]]], path: Path) -> Path:
+    """One panel per predictor: accuracy against confidence per bin, a line per test split (clean, shifted), the
+    bins' share of the inputs as the marker area, and the diagonal of perfect calibration."""
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(max(5.0, 4.2 * cols), 3.8 * rows), layout="constrained")
+    for i, (title, curves) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
+        for curve in curves:
+            ax.plot([b[0] for b in curve.bins], [b[1] for b in curve.bins], linewidth=1, label=curve.label)
+            ax.scatter([b[0] for b in curve.bins], [b[1] for b in curve.bins], s=[8 + 300 * b[2] for b in curve.bins],
+                       alpha=0.6)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("confidence (top-label probability)")
+        ax.set_ylabel("accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small", loc="upper left")
     return save(fig, path)

@@ -198,6 +198,79 @@ def stage_metrics_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
             + markdown_table(["pipeline run", "stage", "role", *(t for t, _, _ in shown), "AUC retention"], rows))
 
 
+#: the uncertainty table's columns: (title, test metric without its ``test_`` prefix, scale, format)
+UNCERTAINTY_COLUMNS = (("acc (%)", "acc", 100, ".2f"), ("NLL", "nll", 1, ".4f"), ("ECE", "ece", 1, ".4f"),
+                       ("Brier", "brier", 1, ".4f"), ("error AUROC", "error_auroc", 1, ".3f"),
+                       ("sel. acc (%)", "selective_acc", 100, ".2f"), ("set cov.", "set_coverage", 1, ".3f"),
+                       ("set size", "set_size", 1, ".2f"), ("MI", "mutual_information", 1, ".2e"),
+                       ("CI cov.", "ci_coverage", 1, ".3f"))
+RELIABILITY = "reliability."
+
+
+def test_sets(metrics: dict[str, float]) -> list[str]:
+    """The test splits a stage recorded metrics on: ``test`` and each shift (``test_<shift>_ece``)."""
+    shifts = sorted(k[len("test_"):-len("_ece")] for k in metrics
+                    if k.startswith("test_") and k.endswith("_ece") and k != "test_ece")
+    return ["test"] + [f"test_{s}" for s in shifts]
+
+
+def split_label(split: str) -> str:
+    """``clean`` for the test split, the shift's name for a shifted one."""
+    return "clean" if split == "test" else split.removeprefix("test_")
+
+
+def reliability_bins(metrics: dict[str, float], prefix: str) -> list[tuple[float, float, float]]:
+    """``(confidence, accuracy, fraction)`` of each recorded bin of ``<prefix>_reliability.<bin>``, in bin order."""
+    start = f"{prefix}_{RELIABILITY}"
+    bins = sorted({k[len(start):].split(".")[0] for k in metrics if k.startswith(start)})
+    return [tuple(metrics[f"{start}{b}.{part}"] for part in ("conf", "acc", "frac")) for b in bins]
+
+
+def uncertainty_stages(exp: ExperimentRecords) -> list[tuple[PipelineRecord, StageRecord]]:
+    """Every finished student stage (not a teacher) that recorded calibration metrics; a reused stage counts once."""
+    found, seen = [], set()
+    for p, s in exp.stages():
+        source = s.reused_from or s.run_id
+        if s.status == "FINISHED" and s.role != "teacher" and "test_ece" in s.metrics and source not in seen:
+            seen.add(source)
+            found.append((p, s))
+    return found
+
+
+@section("Uncertainty and calibration")
+def uncertainty_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
+    """Per student stage and test split (clean, then each shift): the calibration and uncertainty metrics
+    (:mod:`hpmkd.uncertainty_metrics`); a reliability diagram of the newest stages."""
+    stages = uncertainty_stages(exp)
+    if not stages:
+        return "No student stage in this experiment recorded calibration metrics (`test_ece`)."
+    rows = []
+    for p, s in stages:
+        for split in test_sets(s.metrics):
+            values = [s.metrics.get(f"{split}_{key}") for _, key, _, _ in UNCERTAINTY_COLUMNS]
+            rhat = s.metrics.get("val_loglik_rhat") if split == "test" else None
+            rows.append([s.name, p.label, split_label(split),
+                         *("-" if v is None else f"{v * scale:{form}}"
+                           for v, (_, _, scale, form) in zip(values, UNCERTAINTY_COLUMNS)),
+                         "-" if rhat is None else f"{rhat:.3f}"])
+    table = markdown_table(["stage", "pipeline run", "test set", *(c[0] for c in UNCERTAINTY_COLUMNS),
+                            "R-hat (val LL)"], rows)
+    kept, note = newest(stages, MAX_PANELS)
+    panels = [(f"{s.name} · {p.label}", [plots.Reliability(split_label(split), reliability_bins(s.metrics, split))
+                                         for split in test_sets(s.metrics)]) for p, s in kept]
+    path = plots.reliability(panels, ctx.figure(exp, "reliability"))
+    return ("Measured once per final student model on the test split and on each shifted copy of it "
+            "(`evaluation.shifts`): accuracy, NLL, ECE (`evaluation.ece_bins` bins), Brier, the AUROC of the "
+            "predictive entropy for detecting the model's own errors, accuracy on the least uncertain inputs "
+            "(`evaluation.selective_coverage`), coverage and mean size of the prediction sets calibrated on "
+            "validation (`evaluation.set_coverage`), mutual information (posteriors and ensembles), coverage of the "
+            "credible intervals of known class probabilities (synthetic data), and the split R-hat of the posterior "
+            "samples' validation log-likelihood (docs/mtbkd.md).\n\n" + table + "\n\n"
+            f"Reliability diagrams{note}: accuracy against confidence per bin (marker area: share of the inputs), "
+            "one line per test set; the dashed diagonal is perfect calibration.\n\n"
+            + image(path, "reliability diagrams"))
+
+
 @section("Stage timeline")
 def timeline_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
     pipelines, note = newest([p for p in exp.pipelines if p.stages], MAX_TIMELINE_RUNS)

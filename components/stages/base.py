@@ -87,8 +87,10 @@ def overrides_from(inputs: dict[str, StageResult]) -> dict[str, Any]:
 
 
 def stage_settings(params: StageParams, ctx: ExperimentContext) -> dict[str, Any]:
-    """The resolved settings that define a stage (logged as params and hashed into its key)."""
-    return {"seed": ctx.cfg.seed, "data": to_dict(ctx.cfg.data), **params.settings()}
+    """The resolved settings that define a stage (logged as params and hashed into its key): the seed, the data, how
+    its final model is measured (the ``evaluation`` section: its test metrics depend on it) and its own settings."""
+    return {"seed": ctx.cfg.seed, "data": to_dict(ctx.cfg.data), "evaluation": to_dict(ctx.cfg.evaluation),
+            **params.settings()}
 
 
 def stage_key(kind: str, settings: dict[str, Any], inputs: dict[str, StageResult], fingerprint: str) -> str:

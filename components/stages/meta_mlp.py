@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hpmkd import checkpoint
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
@@ -29,7 +28,7 @@ from hpmkd.components.logit_cache import ensure_cached
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun
 from hpmkd.components.teacher_service import release, start_teacher_actors
 from hpmkd.data.source import BatchSource
-from hpmkd.evaluation import Predictions, test_metrics
+from hpmkd.evaluation import final_test_metrics
 from hpmkd.logit_cache import CachedLogits
 from hpmkd.meta_fit import accuracy_and_loss, fit_head
 from hpmkd.models import count_params, load_state_checked
@@ -89,8 +88,6 @@ class MetaMLPKind(StageKind):
             ctx.tracker.log_metrics(run.run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         test_x = stacked(logits["test"], inputs_kind)
         test_acc, test_loss = accuracy_and_loss(model.head, test_x, ctx.splits.test.y)
-        with torch.no_grad():
-            predictions = Predictions(F.log_softmax(model.head(test_x), -1), ctx.splits.test.y)
         batch = ctx.cfg.train.eval_batch_size
         folder = ctx.out_dir / stage.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -103,7 +100,7 @@ class MetaMLPKind(StageKind):
         metrics: dict[str, Any] = {
             "val_acc": fit.val_acc, "val_loss": fit.val_loss, "test_acc": test_acc, "test_loss": test_loss,
             "selected_epoch": float(fit.epoch), "params": float(size), "holdout_rows": float(len(held)),
-            **test_metrics(predictions, SingleModel(model), ctx.splits.test, batch)}
+            **final_test_metrics(SingleModel(model), ctx.splits, batch, torch.device("cpu"), ctx.cfg.evaluation)}
         artifact = ModelArtifact(params.name, params.model, str(path), checkpoint.file_digest(path), size,
                                  {k: metrics[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")})
         return StageOutcome(metrics, artifact)

@@ -19,12 +19,13 @@ from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageK
 from hpmkd.components.table_model import log_table_model
 from hpmkd.models.ref import ModelRef
 from hpmkd.predictors import SingleModel, load_predictor
-from hpmkd.evaluation import evaluate, predict, test_metrics
+from hpmkd.evaluation import evaluate, final_test_metrics
 from hpmkd.training import StageSpec
 
 
 def spec_for(stage: Stage, ctx: ExperimentContext, model: ModelRef, train: Any, **extra: Any) -> StageSpec:
-    return StageSpec(name=stage.name, seed=ctx.cfg.seed, data=ctx.cfg.data, model=model, train=train, **extra)
+    return StageSpec(name=stage.name, seed=ctx.cfg.seed, data=ctx.cfg.data, model=model, train=train,
+                     evaluation=ctx.cfg.evaluation, **extra)
 
 
 def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: StageSpec, name: str,
@@ -81,7 +82,8 @@ class TrainKind(StageKind):
 
     def run(self, stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], run: StageRun) -> StageOutcome:
         params: TrainModel = stage.params
-        spec = spec_for(stage, ctx, params.model, params.train, holdout=params.holdout)
+        spec = spec_for(stage, ctx, params.model, params.train, holdout=params.holdout,
+                        init_seed=params.init_seed)
         return train_and_record(stage, ctx, run, spec, params.teacher or stage.name)
 
 
@@ -103,8 +105,7 @@ class LoadTeacherKind(StageKind):
         size = params.model.count_params(ctx.splits.shape)
         ctx.tracker.log_artifact(run.run_id, params.checkpoint, "checkpoint")
         metrics = {"val_acc": val_acc, "test_acc": test_acc, "params": float(size),
-                   **test_metrics(predict(predictor, ctx.splits.test, batch, torch.device("cpu")), predictor,
-                                  ctx.splits.test, batch)}
+                   **final_test_metrics(predictor, ctx.splits, batch, torch.device("cpu"), ctx.cfg.evaluation)}
         path = str(Path(params.checkpoint).resolve())
         artifact = ModelArtifact(params.teacher, params.model, path, checkpoint.file_digest(path), size,
                                  {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss})

@@ -4,12 +4,13 @@
 * :data:`DATASETS`: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``digits``, ``breast_cancer``, ``wine``, ``iris``,
   ``table`` (a CSV or Parquet file), ``synthetic`` (``make_classification``);
   ``image_folder`` (the user's own images, streamed from disk: :mod:`hpmkd.data.image_folder`);
+  ``gaussian_mixture`` (synthetic, with known class probabilities);
 * :func:`iterate_batches`: DistributedSampler-style ``(x, y, index)`` batches by tensor indexing;
 * :data:`AUGMENTATIONS` / :func:`augment`: ``none``, ``flip``, ``crop_flip``.
 """
 
-from hpmkd.data import (cifar, digits, fashion_mnist, image_folder, table,  # noqa: F401  (register the data sets)
-                        tabular)
+from hpmkd.data import (cifar, digits, fashion_mnist, gaussian_mixture, image_folder,  # noqa: F401  (the data sets)
+                        table, tabular)
 from hpmkd.data.augment import AUGMENTATIONS, augment
 from hpmkd.data.base import DATASETS, DataSplits, DatasetNotFoundError, RawData, Split
 from hpmkd.data.batching import iterate_batches

@@ -34,10 +34,12 @@ class DatasetNotFoundError(FileNotFoundError):
 @dataclass
 class Split:
     """One split held in memory, the in-memory :class:`~hpmkd.data.source.BatchSource`: ``x`` float32, already
-    normalised (``[N, C, H, W]`` images, ``[N, D]`` tabular); ``y`` int64."""
+    normalised (``[N, C, H, W]`` images, ``[N, D]`` tabular); ``y`` int64; ``true_probs``: each row's known class
+    probabilities ``[N, C]`` when the data set knows them (a synthetic task), else ``None``."""
 
     x: Tensor
     y: Tensor
+    true_probs: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -83,8 +85,10 @@ class RawData:
     """The raw source arrays of a data set, as read from disk, and how to turn them into model inputs.
 
     ``to_model`` maps a slice of ``train_x`` / ``test_x`` to float32 in model layout (``[N, C, H, W]`` or ``[N, D]``)
-    before normalisation, e.g. ``uint8 / 255`` reshaped. ``mean`` / ``std`` are per-channel (axis 1) constants; when
-    they are ``None`` they are computed on the training split. ``test_x is None`` means the data set has no official
+    before normalisation, e.g. ``uint8 / 255`` reshaped. ``class_probs`` (synthetic data) maps raw rows to their
+    true class probabilities ``p(y | x)`` ``[N, C]``, which the test split carries (:attr:`Split.true_probs`).
+    ``mean`` / ``std`` are per-channel (axis 1) constants; when they are ``None`` they are computed on the training
+    split. ``test_x is None`` means the data set has no official
     test split and ``test_fraction`` of it is held out, stratified and fixed by the seed. ``preprocessing`` is a short
     text describing ``to_model`` that enters the fingerprint.
     """
@@ -101,6 +105,7 @@ class RawData:
     std: tuple[float, ...] | None = None
     test_fraction: float = 0.2
     fit_preprocessing: Callable[[np.ndarray], "Preprocessing"] | None = None
+    class_probs: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 class Preprocessing(Protocol):

@@ -63,6 +63,8 @@ def load_dataset(
     train = make_split(prep.transform(raw.train_x[idx.train]), raw.train_y[idx.train])
     val = make_split(prep.transform(raw.train_x[idx.val]), raw.train_y[idx.val])
     test = make_split(prep.transform(test_x[idx.test]), test_y[idx.test])
+    if raw.class_probs is not None:
+        test.true_probs = torch.from_numpy(np.asarray(raw.class_probs(test_x[idx.test]), dtype=np.float32))
     params = {
         "seed": seed,
         "val_fraction": val_fraction,

@@ -10,12 +10,13 @@
 * ``hierarchical``: HumP-KD masked multi-level feature alignment, [RECON] our reconstruction
   (:mod:`hpmkd.losses.hierarchical`)
 * ``reference``: SMSKD reference anchor with TCP weights, [RECON] our reconstruction (:mod:`hpmkd.losses.reference`)
+* ``mtbkd_prior``: MT-BKD's teacher-informed Dirichlet mixture prior with entropy weights (:mod:`hpmkd.losses.mtbkd`)
 
 Multi-teacher rules: :mod:`hpmkd.losses.mixing` (logit methods) and :func:`hpmkd.losses.base.combine_teachers`
 (feature and relation methods).
 """
 
-from hpmkd.losses import at, crd, dkd, fitnet, hierarchical, kd, pkt, reference, rkd  # noqa: F401  (registration)
+from hpmkd.losses import at, crd, dkd, fitnet, hierarchical, kd, mtbkd, pkt, reference, rkd  # noqa: F401  (registers)
 from hpmkd.losses.base import LOSSES, DistillLoss, combine_teachers
 from hpmkd.losses.mixing import over_teachers, teacher_kl, teacher_true_class_prob
 
