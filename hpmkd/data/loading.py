@@ -112,7 +112,6 @@ def cached_shape(name: str, root: str | None, download: bool, options: str) -> t
     raw = read_raw(name, root, download, json.loads(options))
     if not isinstance(raw, RawData):
         return raw.shape()
-    return len(raw.class_names), tuple(int(d) for d in raw.to_model(raw.train_x[:1]).shape[1:])
     first = raw.train_x[:1]  # a model input's shape does not depend on the fitted statistics
     return len(raw.class_names), tuple(int(d) for d in fit_preprocessing(raw, first).transform(first).shape[1:])
 
