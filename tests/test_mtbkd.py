@@ -22,7 +22,7 @@ from hpmkd.models.ref import ModelRef
 from hpmkd.optim import LR_SCHEDULES, lr_factor, make_optimizer
 from hpmkd.pipelines import plan_experiment
 from hpmkd.pipelines.mtbkd import PoolPredictors, PosteriorChain
-from hpmkd.pipelines.runner import preflight
+from hpmkd.pipelines.preflight import preflight
 from hpmkd.posterior import POSTERIOR, PosteriorSampling
 from hpmkd.predictors import KdeModeSamples, load_predictor, save_predictor
 from hpmkd.registry import ConfigError
@@ -317,5 +317,5 @@ def test_the_runner_refuses_a_sampling_phase_too_short_before_any_stage():
     with pytest.raises(ConfigError, match=r"mtbkd: 1 sampling epochs of 11 steps give 11 steps, fewer than the 64 "
                                           r"that burn_in \(0\) \+ thin \(1\) x samples \(64\) need\. Raise "
                                           r"mtbkd\.sample_epochs"):
-        preflight(cfg)
-    preflight(dataclasses.replace(cfg, pipeline="kd"))  # the section only speaks for its own pipeline
+        preflight(plan_experiment(cfg))
+    preflight(plan_experiment(dataclasses.replace(cfg, pipeline="kd")))  # the section only speaks for its own pipeline
