@@ -58,6 +58,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         with ckpt.as_directory() as folder:
             resume = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+    splits = ray.get(config["splits"]) if config.get("splits") is not None else None
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         # Persist the checkpoint first, then record the epoch: an epoch visible in MLflow is always resumable.
@@ -90,6 +91,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         report=report,
         teachers=teachers,
         all_reduce_mean=all_reduce_mean,
+        splits=splits,
     )
     out = train_stage(spec, env)
     out["phases"]["worker_start"] = began - config["launched_at"]  # controller, worker actors, process group
@@ -119,11 +121,14 @@ def run_training_stage(
     teacher_actors: list[Any] = (),
     teacher_cache: list[list[str]] = (),
     progress_hub: Any = None,
+    splits_ref: Any = None,
 ) -> TrainedStage:
     """Fit ``spec`` with a ``TorchTrainer``; a rerun with the same ``train_run_name`` resumes from its checkpoint.
 
     Teachers come from ``teacher_actors`` (one :class:`TeacherPool` per teacher) or, when given, from the cache
     entries ``teacher_cache[view][teacher]``. Rank 0 reports each epoch to ``progress_hub`` when given.
+    ``splits_ref``: an object-store reference to the splits of ``spec.data`` and ``spec.seed``, which the workers then
+    read (zero-copy on the driver's node) instead of loading the data set themselves.
     """
     trainer = TorchTrainer(
         train_worker,
@@ -136,6 +141,7 @@ def run_training_stage(
             "teacher_actors": list(teacher_actors),
             "teacher_cache": list(teacher_cache),
             "progress": progress_hub,
+            "splits": splits_ref,
             "launched_at": time.time(),
         },
         scaling_config=ScalingConfig(

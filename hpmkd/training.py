@@ -85,6 +85,9 @@ class StageEnv:
     report: Callable[[dict[str, float], dict[str, Any] | None], None] = lambda metrics, state: None
     teachers: TeacherSource | None = None
     all_reduce_mean: Callable[[Tensor], Tensor] = lambda t: t
+    # the splits of ``spec.data`` and ``spec.seed`` when the caller has them already (a Ray worker gets the driver's
+    # through the object store instead of reading and splitting the files again); ``None``: loaded here
+    splits: DataSplits | None = None
 
 
 def prefetching(
@@ -108,7 +111,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     phases = Phases()
     setup_began = time.perf_counter()
     torch.manual_seed(spec.seed)
-    splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
+    splits = env.splits if env.splits is not None else load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
     model = spec.model.build(splits.shape)
     if spec.init_state is not None:
         load_state_checked(model, spec.init_state)

@@ -9,7 +9,8 @@ stages that finished stay FINISHED, and the error is raised after the summary of
 
 Stages start critical path first (``ray.order``), each one's duration estimated from the store's past runs
 (:mod:`hpmkd.components.estimates`); the estimates are in the results next to the actual times. Given a progress
-display, every running stage's epochs are shown live (:mod:`hpmkd.components.progress`).
+display, every running stage's epochs are shown live (:mod:`hpmkd.components.progress`). The data, loaded once by
+the preflight, goes to Ray's object store once, and training processes read it from there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
 import yaml
 
 from hpmkd.components import orphans
@@ -84,7 +86,7 @@ def run_experiment(
         estimates = estimate_all(stages, len(splits.train), tracker.client) if cfg.ray.order == "critical_path" else None
         monitor = ProgressMonitor(display) if display is not None else None
         ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_dir,
-                                monitor.hub if monitor is not None else None)
+                                monitor.hub if monitor is not None else None, ray.put(splits))
         try:
             results, error = run_graph(stages, shown(monitor, lambda s, inputs: execute(s, ctx, inputs)),
                                        resources.get("CPU", 1.0), cfg.ray.parallel, estimates)

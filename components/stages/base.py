@@ -59,6 +59,7 @@ class ExperimentContext:
     storage_path: str
     out_dir: Path
     progress_hub: Any = None  # a ProgressHub actor that training processes report their epochs to
+    splits_ref: Any = None  # ``splits`` in Ray's object store: training processes read it instead of the files
 
     def stage_dir(self, stage: str) -> Path:
         """The folder of stage ``stage``'s files: a safe file name under :attr:`out_dir`, never outside it."""

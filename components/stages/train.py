@@ -45,6 +45,7 @@ def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: 
         teacher_actors=teacher_actors,
         teacher_cache=teacher_cache,
         progress_hub=ctx.progress_hub,
+        splits_ref=ctx.splits_ref if spec.data == ctx.cfg.data and spec.seed == ctx.cfg.seed else None,
     )
     run.phases.update(trained.phases)
     record_model(ctx, run, spec.model, trained.model_path, trained.state_path,
