@@ -43,7 +43,8 @@ from hpmkd.components.teacher_service import release
 from hpmkd.config import RayConfig, load_config
 from hpmkd.pipelines.runner import run_experiment
 from hpmkd.training import StageEnv, train_stage
-from kd_setup import STUDENT, TEACHER, data_config, distill_spec, fill_cache, load, save_teachers, start_ray, start_teachers
+from kd_setup import (STUDENT, TEACHER, data_config, distill_spec, fill_cache, load, save_teachers, start_ray,
+                      start_teachers)
 
 #: stage sizes: training images and epochs (about 30 s and 2 min of plain training on an idle core)
 SIZES = {"30s": (5000, 36), "2min": (20000, 36)}
@@ -94,8 +95,9 @@ def print_stage(size: str, row: dict[str, Any]) -> float:
     (plain_wall, plain_epochs), (ray_wall, ray_epochs) = sums["plain"], sums["ray"]
     added = (ray_wall - ray_epochs) - (plain_wall - plain_epochs)
     print("Ray phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in row["phases"].items()))
-    print(f"{size}: per-epoch ratio (Ray / plain) {ray_epochs / plain_epochs:.3f}; fixed cost Ray {ray_wall - ray_epochs:.1f} s, "
-          f"plain {plain_wall - plain_epochs:.1f} s, added by Ray {added:.1f} s; wall ratio {ray_wall / plain_wall:.3f}")
+    print(f"{size}: per-epoch ratio (Ray / plain) {ray_epochs / plain_epochs:.3f}; fixed cost Ray "
+          f"{ray_wall - ray_epochs:.1f} s, plain {plain_wall - plain_epochs:.1f} s, added by Ray {added:.1f} s; "
+          f"wall ratio {ray_wall / plain_wall:.3f}")
     return ray_wall / plain_wall - 1
 
 

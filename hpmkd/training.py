@@ -111,7 +111,9 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     phases = Phases()
     setup_began = time.perf_counter()
     torch.manual_seed(spec.seed)
-    splits = env.splits if env.splits is not None else load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
+    splits = env.splits
+    if splits is None:
+        splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
     model = spec.model.build(splits.shape)
     if spec.init_state is not None:
         load_state_checked(model, spec.init_state)

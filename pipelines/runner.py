@@ -83,7 +83,9 @@ def run_experiment(
         tracker.log_params(parent, cfg.as_dict())
         tracker.log_text(parent, yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
         out_dir = inside(out_root, safe_name(cfg.experiment), parent)
-        estimates = estimate_all(stages, len(splits.train), tracker.client) if cfg.ray.order == "critical_path" else None
+        estimates = None
+        if cfg.ray.order == "critical_path":
+            estimates = estimate_all(stages, len(splits.train), tracker.client)
         monitor = ProgressMonitor(display) if display is not None else None
         ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_dir,
                                 monitor.hub if monitor is not None else None, ray.put(splits))
