@@ -8,8 +8,8 @@ and a whole pipeline's wall time against the training time on its critical path.
 cached ``cnn_small`` teacher, Fashion-MNIST, batch 128, one thread): once in this process (no checkpoints, no
 tracking), once as a stage does it, through :func:`hpmkd.components.stage_runner.run_training_stage` (a
 ``TorchTrainer`` with one worker, a full checkpoint persisted every epoch, per-epoch metrics logged to a real MLflow
-SQLite store, progress reported to a live progress hub, the selected weights copied out at the end). The cache is
-filled first and read by both. Sizes: ``30s`` (5,000 images, 36 epochs) and ``2min`` (20,000 images, 36 epochs),
+SQLite store, progress reported to a live progress hub, the data read from Ray's object store as a stage's workers
+read the driver's, the selected weights copied out at the end). The cache is filled first and read by both. Sizes: ``30s`` (5,000 images, 36 epochs) and ``2min`` (20,000 images, 36 epochs),
 each about that long in plain PyTorch on an idle core. Reported per size: wall time; the sum of the epochs' own
 times (training and validation, ``epoch_time_s``) and its ratio Ray / plain (the per-epoch cost); the fixed cost
 (wall minus epochs) of each and Ray's added fixed cost; Ray's phases (:mod:`hpmkd.phases`).
@@ -70,11 +70,12 @@ def compare_stage(train: int, epochs: int, folder: Path) -> dict[str, Any]:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("ray_overhead")).info.run_id
-    hub = ProgressHub.remote()
+    hub, splits_ref = ProgressHub.remote(), ray.put(splits)  # as run_experiment does once per experiment
     began = time.perf_counter()
     staged = run_training_stage(spec, train_run_name="ray-overhead", storage_path=str(folder / "ray"),
                                 out_dir=folder / "out", ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1),
-                                tracking_uri=uri, run_id=run_id, teacher_cache=cache, progress_hub=hub)
+                                tracking_uri=uri, run_id=run_id, teacher_cache=cache, progress_hub=hub,
+                                splits_ref=splits_ref)
     ray_s = time.perf_counter() - began
     ray.kill(hub)
     return {"images": len(splits.train), "epochs": epochs, "plain": (plain_s, plain), "ray": (ray_s, staged.metrics),

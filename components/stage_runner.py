@@ -59,6 +59,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             resume = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
     splits = ray.get(config["splits"]) if config.get("splits") is not None else None
+    fetched = time.time()
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         # Persist the checkpoint first, then record the epoch: an epoch visible in MLflow is always resumable.
@@ -95,6 +96,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     out = train_stage(spec, env)
     out["phases"]["worker_start"] = began - config["launched_at"]  # controller, worker actors, process group
+    out["phases"]["setup"] += fetched - began  # the resume state and the data, read before the loop
     out["returned_at"] = time.time()
     return out
 
