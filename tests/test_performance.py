@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import train_digits_teacher
 from mlflow import MlflowClient
 
 from hpmkd.cli import library_messages_to, parser
@@ -239,3 +240,21 @@ def test_estimates_learn_from_the_recorded_runs(recorded_run):
     # an unseen model: the same kind's recorded runs (the mlp teacher), not the prior
     assert estimates["cnn"] == pytest.approx(estimates["mlp"])
     assert critical_path(stages, estimates)[0] == "mlp_longer"
+
+
+def test_tune_trials_are_shown_as_rows_of_their_stage(ray_session, tmp_path):
+    """A search's trials report their epochs like stages do, each on a row ``tune/<trial id>``."""
+    teacher = train_digits_teacher(tmp_path, hidden=32, depth=1, epochs=2)
+    cfg = load_config(SMOKE, [
+        "experiment=perf-tune", "data={name: digits}", "distill.baseline=false", "mlflow.log_models=false",
+        f"teachers=[{{name: mlp, model: mlp, options: {{hidden: 32, depth: 1}}, checkpoint: {teacher}}}]",
+        "student={model: mlp, options: {hidden: 16, depth: 1}}", "train={epochs: 1, batch_size: 64, lr: 0.05}",
+        "config_manager={enabled: true, trials: 2, proposals: 2, budget_epochs: 2, scheduler: fifo}",
+        f"output_dir={tmp_path / 'runs'}"])
+    display = RecordingDisplay()
+    run_experiment(cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", display=display)
+    trials = {name for name, *_ in display.epochs if name.startswith("tune/")}
+    assert len(trials) == 2
+    for trial in trials:
+        assert [(done, total) for name, done, total, _ in display.epochs if name == trial] == [(1, 2), (2, 2)]
+    assert {name for name, _ in display.ends} >= trials | {"tune"}
