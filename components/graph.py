@@ -17,15 +17,27 @@ from hpmkd.models.ref import ModelRef
 from hpmkd.registry import ConfigError
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What a stage trains, for its duration estimate: the model's name and the epochs over the training split
+    (a search's trials times their budget)."""
+
+    model: str
+    epochs: float
+
+
 class StageParams:
     """Base of every stage kind's params: subclasses are frozen dataclasses; ``kind`` names the kind that runs them.
 
     :meth:`settings` is what defines the stage besides the experiment's seed and data (logged as MLflow params and
     hashed into the content key); :meth:`tuned` applies the configuration a ``tune`` stage hands on (config key paths
-    to values) and returns new params (unchanged by default).
+    to values) and returns new params (unchanged by default); :meth:`workload` is what it trains (``None``: nothing).
     """
 
     kind: ClassVar[str]
+
+    def workload(self) -> Workload | None:
+        return None
 
     def settings(self) -> dict[str, Any]:
         return to_dict(self)
@@ -96,6 +108,8 @@ class StageResult:
     wait_s: float = 0.0
     error: str | None = None
     reused: bool = False
+    phases: dict[str, float] = field(default_factory=dict)  # seconds by phase (hpmkd.phases)
+    estimate_s: float | None = None  # the scheduler's expected duration (hpmkd.components.estimates)
 
     def model(self) -> ModelArtifact:
         """The model this stage produced; an error naming the stage when it produced none."""

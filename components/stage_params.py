@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hpmkd.checkpoint import file_digest
-from hpmkd.components.graph import StageParams
+from hpmkd.components.graph import StageParams, Workload
 from hpmkd.config import Recipe, TrainConfig
 from hpmkd.config_schema import to_dict
 from hpmkd.data.holdout import HoldOut
@@ -50,6 +50,9 @@ class TrainModel(StageParams):
     @property
     def kind(self) -> str:  # type: ignore[override]
         return "train_student" if self.teacher is None else "train_teacher"
+
+    def workload(self) -> Workload:
+        return Workload(self.model.model, self.train.epochs)
 
     def settings(self) -> dict[str, Any]:
         return {**({"teacher": self.teacher} if self.teacher else {}), "model": self.model.model,
@@ -112,6 +115,9 @@ class Distill(StageParams):
         return {"model": self.student.model, "options": self.student.options, **self.recipe.settings(),
                 "teachers": list(self.teachers), **links}
 
+    def workload(self) -> Workload:
+        return Workload(self.student.model, self.recipe.train.epochs)
+
     def tuned(self, overrides: dict[str, Any]) -> "Distill":
         mine = {path: v for path, v in overrides.items() if (path.split(".") + [""])[1] not in self.fixed}
         return replace(self, recipe=self.recipe.with_overrides(mine))
@@ -159,6 +165,10 @@ class Tune(StageParams):
     def settings(self) -> dict[str, Any]:
         return {"model": self.student.model, "options": self.student.options, **self.recipe.settings(),
                 "teachers": list(self.teachers), "config_manager": to_dict(self.config_manager)}
+
+    def workload(self) -> Workload:
+        budget = self.config_manager.budget_epochs or self.recipe.train.epochs
+        return Workload(self.student.model, self.config_manager.trials * budget)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,14 @@ workers (``ray.num_workers``, ``ray.use_gpu``). Every epoch, rank 0 writes a ful
 scheduler, epoch, RNG, the selection's state, history) through ``ray.train.report``; a failed worker group is
 restarted from it (``FailureConfig(max_failures)``), and a rerun with the same Train run name resumes from it. Rank 0
 also logs the epoch's metrics to the stage's MLflow run. The stage's selected predictor (:mod:`hpmkd.predictors`) is
-written from the last checkpoint as ``model.pt``.
+written from the last checkpoint as ``model.pt``. Rank 0 reports each epoch to the live progress display
+(:mod:`hpmkd.components.progress`), and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,13 @@ from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from hpmkd.components import progress
 from hpmkd.components.logit_cache import CachedTeachers
 from hpmkd.components.teacher_service import ActorTeachers
 from hpmkd.components.tracking import log_metrics
 from hpmkd import checkpoint
 from hpmkd.config import RayConfig
+from hpmkd.phases import Phases
 from hpmkd.predictors import save_predictor
 from hpmkd.selection import selected_payload
 from hpmkd.teachers import TeacherSource
@@ -44,6 +48,7 @@ def worker_teachers(names: list[str], actors: list[Any], cache: list[list[str]],
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry point: one rank of one stage."""
+    began = time.time()
     spec: StageSpec = config["spec"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -53,6 +58,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         with ckpt.as_directory() as folder:
             resume = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+    splits = ray.get(config["splits"]) if config.get("splits") is not None else None
+    fetched = time.time()
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         # Persist the checkpoint first, then record the epoch: an epoch visible in MLflow is always resumable.
@@ -64,6 +71,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics, checkpoint=saved)
         if client is not None:
             log_metrics(client, config["run_id"], metrics, step=int(metrics["epoch"]))
+        if rank == 0:
+            progress.send(config.get("progress"), spec.name, spec.train.epochs, metrics)
 
     def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -83,8 +92,13 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         report=report,
         teachers=teachers,
         all_reduce_mean=all_reduce_mean,
+        splits=splits,
     )
-    return train_stage(spec, env)
+    out = train_stage(spec, env)
+    out["phases"]["worker_start"] = began - config["launched_at"]  # controller, worker actors, process group
+    out["phases"]["setup"] += fetched - began  # the resume state and the data, read before the loop
+    out["returned_at"] = time.time()
+    return out
 
 
 @dataclass
@@ -94,6 +108,7 @@ class TrainedStage:
     metrics: dict[str, Any]
     state_path: Path
     model_path: Path
+    phases: dict[str, float]
 
 
 def run_training_stage(
@@ -107,11 +122,15 @@ def run_training_stage(
     run_id: str | None,
     teacher_actors: list[Any] = (),
     teacher_cache: list[list[str]] = (),
+    progress_hub: Any = None,
+    splits_ref: Any = None,
 ) -> TrainedStage:
     """Fit ``spec`` with a ``TorchTrainer``; a rerun with the same ``train_run_name`` resumes from its checkpoint.
 
     Teachers come from ``teacher_actors`` (one :class:`TeacherPool` per teacher) or, when given, from the cache
-    entries ``teacher_cache[view][teacher]``.
+    entries ``teacher_cache[view][teacher]``. Rank 0 reports each epoch to ``progress_hub`` when given.
+    ``splits_ref``: an object-store reference to the splits of ``spec.data`` and ``spec.seed``, which the workers then
+    read (zero-copy on the driver's node) instead of loading the data set themselves.
     """
     trainer = TorchTrainer(
         train_worker,
@@ -123,6 +142,9 @@ def run_training_stage(
             "teacher_names": spec.teacher_names,
             "teacher_actors": list(teacher_actors),
             "teacher_cache": list(teacher_cache),
+            "progress": progress_hub,
+            "splits": splits_ref,
+            "launched_at": time.time(),
         },
         scaling_config=ScalingConfig(
             num_workers=ray_cfg.num_workers,
@@ -140,14 +162,18 @@ def run_training_stage(
         result = trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; surface its own message first
         raise StageFailedError(f"stage {spec.name!r} failed: {root_message(err)}") from err
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_path = out_dir / checkpoint.STATE_FILE
-    with result.checkpoint.as_directory() as folder:
-        state = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
-    checkpoint.save_atomic(state, state_path)
-    model_path = out_dir / checkpoint.MODEL_FILE
-    save_predictor(selected_payload(state), model_path)
-    return TrainedStage(result.return_value, state_path, model_path)
+    phases = Phases()
+    phases.update(result.return_value.pop("phases"))
+    phases.add("fit_end", time.time() - result.return_value.pop("returned_at"))  # worker group shut down
+    with phases.timed("copy_out"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state_path = out_dir / checkpoint.STATE_FILE
+        with result.checkpoint.as_directory() as folder:
+            state = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
+        checkpoint.save_atomic(state, state_path)
+        model_path = out_dir / checkpoint.MODEL_FILE
+        save_predictor(selected_payload(state), model_path)
+    return TrainedStage(result.return_value, state_path, model_path, phases.seconds)
 
 
 class StageFailedError(RuntimeError):

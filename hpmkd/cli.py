@@ -2,7 +2,7 @@
 
 ::
 
-    hpmkd run CONFIG [--set key.path=value ...] [--output results.json] [--tracking-uri URI]
+    hpmkd run CONFIG [--set key.path=value ...] [--output results.json] [--tracking-uri URI] [--quiet] [--verbose]
     hpmkd validate CONFIG [--set ...]
     hpmkd ui [--tracking-uri URI] [--port N] [--host 127.0.0.1]
     hpmkd models
@@ -17,11 +17,16 @@ Every failure the user can fix (a bad config, option, file, path, store or data 
 ``hpmkd: error: <what, where, how to fix>`` on stderr and exit code 2, like argparse's own usage errors, with no
 traceback; ``--debug`` (before or after the command) prints the traceback too. A stage that fails while running is
 reported with the summary of what finished and exit code 1; Ctrl-C or SIGTERM ends with exit code 130.
+
+``run`` shows every running stage live (epoch k/N, running loss, last validation accuracy, ETA; one row per stage,
+:mod:`hpmkd.components.progress`); with ``--quiet``, or when the output is not a terminal, one line per epoch
+instead. Ray's and MLflow's own messages go to ``<output_dir>/hpmkd.log`` unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -74,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
                      help="override a config key (repeatable), e.g. --set distill.temperature.T=2")
     run.add_argument("--output", help="write the results as JSON to this file")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    run.add_argument("--quiet", action="store_true", help="one line per epoch instead of the live progress display")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Ray's and MLflow's own messages (default: written to <output_dir>/hpmkd.log)")
 
     val = command(sub, "validate", help="check a config without running anything")
     val.add_argument("config")
@@ -149,13 +157,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hpmkd.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails before Ray starts
+    from hpmkd.components.progress import LineDisplay, LiveDisplay, console_logging
     from hpmkd.pipelines.runner import ExperimentFailedError, run_experiment
     from hpmkd.pipelines.summary import format_table
 
+    if not args.verbose:
+        path = library_messages_to(os.path.join(cfg.output_dir, "hpmkd.log"))
+        logging.getLogger("hpmkd").info("Ray's and MLflow's messages: %s (--verbose shows them here)", path)
+    display = LineDisplay() if args.quiet or not sys.stdout.isatty() else LiveDisplay()
     # SIGTERM (a scheduler cancelling the job, `kill`) ends the run like Ctrl-C: the open MLflow runs become KILLED
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        summary = run_experiment(cfg, tracking_uri=args.tracking_uri, output=args.output)
+        with console_logging(display):
+            summary = run_experiment(cfg, tracking_uri=args.tracking_uri, output=args.output, display=display)
     except ExperimentFailedError as err:
         print(format_table(err.summary))
         print(f"\nFAILED: {err}\nFinished stages are kept in MLflow ({err.summary['tracking_uri']}); rerun to retry.",
@@ -171,6 +185,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         print(f"Results JSON: {args.output}")
     return 0
+
+
+#: the loggers of the libraries whose start-up and progress messages ``run`` writes to its log file
+LIBRARY_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings")
+
+
+def library_messages_to(path: str) -> str:
+    """Send the :data:`LIBRARY_LOGGERS` (and Python warnings) to the file ``path`` instead of the terminal."""
+    importlib.import_module("ray")  # configures its logger on import; replaced below
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    return os.path.abspath(path)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -245,6 +245,10 @@ class DistillConfig:
         return NamedOptions(self.temperature["schedule"], {k: v for k, v in self.temperature.items() if k != "schedule"})
 
 
+#: the orders in which ready stages may start (``ray.order``)
+STAGE_ORDERS = ("critical_path", "listed")
+
+
 @dataclass
 class RayConfig:
     """Where and how stages run. ``address: null`` starts a local Ray (or joins ``$RAY_ADDRESS`` when set), whose
@@ -253,6 +257,10 @@ class RayConfig:
 
     Teacher actors: ``teacher_replicas`` identical actors per teacher (requests go to them in turn), each with
     ``teacher_cpus`` CPUs and ``teacher_gpus`` GPUs (a fraction below 1 lets several teachers share one GPU).
+
+    ``order``: which ready stage starts first when not all fit: ``critical_path`` (the longest expected chain of
+    stages first, durations estimated from the store's past runs; :mod:`hpmkd.components.scheduler`) or ``listed``
+    (the pipeline's order).
     """
 
     address: str | None = None
@@ -268,6 +276,7 @@ class RayConfig:
     max_failures: int = 1
     parallel: bool = True
     log_to_driver: bool = False
+    order: str = "critical_path"
 
     def check(self, path: str) -> None:
         positive(path, num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
@@ -284,6 +293,9 @@ class RayConfig:
                               f"whole number (Ray's rule), got {self.teacher_gpus}; e.g. 0.25 puts 4 teachers on a GPU.")
         if self.max_failures < 0:
             raise ConfigError(f"{join(path, 'max_failures')}: must be >= 0, got {self.max_failures}.")
+        if self.order not in STAGE_ORDERS:
+            raise ConfigError(f"{join(path, 'order')}: {self.order!r} is not a stage order; give one of "
+                              f"{', '.join(STAGE_ORDERS)}.")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from hpmkd.models import count_params, load_state_checked, model_taps
 from hpmkd.models.ref import ModelRef
 from hpmkd.models.state import state_digest
 from hpmkd.optim import lr_factor, make_optimizer
+from hpmkd.phases import Phases
 from hpmkd.selection import SELECTION_KEY, SELECTIONS, Selection
 from hpmkd.teachers import TeacherSource, frozen, teacher_taps
 from hpmkd.temperature import ScheduleState
@@ -97,6 +98,9 @@ class StageEnv:
     report: Callable[[dict[str, float], dict[str, Any] | None], None] = lambda metrics, state: None
     teachers: TeacherSource | None = None
     all_reduce_mean: Callable[[Tensor], Tensor] = lambda t: t
+    # the splits of ``spec.data`` and ``spec.seed`` when the caller has them already (a Ray worker gets the driver's
+    # through the object store instead of reading and splitting the files again); ``None``: loaded here
+    splits: DataSplits | None = None
 
 
 def prefetching(
@@ -115,9 +119,14 @@ def prefetching(
 
 
 def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
-    """Train ``spec.model`` and return the selected predictor's metrics (see module docstring)."""
+    """Train ``spec.model`` and return the selected predictor's metrics (see module docstring), with ``phases``: the
+    seconds spent in setup, epochs, per-epoch reports and the test read (:mod:`hpmkd.phases`)."""
+    phases = Phases()
+    setup_began = time.perf_counter()
     torch.manual_seed(spec.seed if spec.init_seed is None else spec.init_seed)
-    splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
+    splits = env.splits
+    if splits is None:
+        splits = load_dataset(spec.data.name, **spec.data.loader_kwargs(spec.seed))
     if spec.holdout is not None:
         splits = replace(splits, train=spec.holdout.kept(splits.train))
     model = spec.model.build(splits.shape)
@@ -161,6 +170,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     if saved is not None:  # after on_start: a callback may have put another optimiser in place (a sampling phase)
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
+    phases.add("setup", time.perf_counter() - setup_began)
 
     for epoch in range(start_epoch, cfg.epochs):
         state.epoch = epoch
@@ -220,15 +230,18 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         state.history.append(metrics)
         for callback in callbacks:
             callback.end_of_epoch(state, metrics)
-        env.report(metrics, checkpoint_state(state, callbacks, generator, selection) if env.rank == 0 else None)
+        phases.add("epochs", time.perf_counter() - began)
+        with phases.timed("report"):
+            env.report(metrics, checkpoint_state(state, callbacks, generator, selection) if env.rank == 0 else None)
 
     predictor = selection.predictor(state)
     # a final stage reads the test split once, for the selected predictor; a search trial never reads it
     tested = {}
     if spec.read_test:
-        acc, loss = evaluate(predictor, splits.test, cfg.eval_batch_size, env.device)
-        tested = {"test_acc": acc, "test_loss": loss,
-                  **final_test_metrics(predictor, splits, cfg.eval_batch_size, env.device, spec.evaluation)}
+        with phases.timed("test"):
+            acc, loss = evaluate(predictor, splits.test, cfg.eval_batch_size, env.device)
+            tested = {"test_acc": acc, "test_loss": loss,
+                      **final_test_metrics(predictor, splits, cfg.eval_batch_size, env.device, spec.evaluation)}
     return {
         **tested,
         **selection.summary(),
@@ -237,6 +250,7 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         "epochs_run": len(state.history),
         "resumed_at_epoch": resumed_at_epoch,
         "history": state.history,
+        "phases": phases.seconds,
         **({"reference_sha256": state_digest(reference.state_dict())} if reference is not None else {}),
     }
 

@@ -6,6 +6,11 @@ input fails in seconds and records nothing half-done. The experiment gets one pa
 every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked FAILED, the
 stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
 ``RUNNING`` by an earlier driver that died are marked ``KILLED`` first (:mod:`hpmkd.components.orphans`).
+
+Stages start critical path first (``ray.order``), each one's duration estimated from the store's past runs
+(:mod:`hpmkd.components.estimates`); the estimates are in the results next to the actual times. Given a progress
+display, every running stage's epochs are shown live (:mod:`hpmkd.components.progress`). The data, loaded once by
+the preflight, goes to Ray's object store once, and training processes read it from there.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import ray
 import yaml
 
 from hpmkd.components import orphans
+from hpmkd.components.estimates import estimate_all
+from hpmkd.components.graph import Stage, StageResult
+from hpmkd.components.progress import Display, ProgressMonitor
 from hpmkd.components.ray_runtime import ensure_ray
 from hpmkd.components.scheduler import run_graph
 from hpmkd.components.stages import ExperimentContext, execute
@@ -50,11 +59,12 @@ def run_experiment(
     output: str | None = None,
     ray_init: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
+    display: Display | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` and return the results dict (also written as JSON to ``output`` when given). Components switched
     off in ``cfg.components`` are replaced first (:func:`hpmkd.pipelines.plan_experiment`): the stages, the scheduler
     and the parent run's params all see that effective config. ``tags`` are added to the parent run's (``hpmkd
-    ablate`` marks its variants so)."""
+    ablate`` marks its variants so). ``display``: where live progress goes (none by default)."""
     began = time.perf_counter()
     plan = plan_experiment(cfg)
     cfg, stages = plan.cfg, plan.stages
@@ -78,9 +88,19 @@ def run_experiment(
         if splits.preprocessing is not None:  # a table's fitted preprocessing: what turns raw rows into inputs
             tracker.log_dict(parent, splits.preprocessing, PREPROCESSING_FILE)
         out_dir = inside(out_root, safe_name(cfg.experiment), parent)
-        ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_dir)
-        results, error = run_graph(stages, lambda s, inputs: execute(s, ctx, inputs), resources.get("CPU", 1.0), cfg.ray.parallel)
-        summary = summarise(cfg, stages, results, parent, tracking_uri, time.perf_counter() - began)
+        estimates = None
+        if cfg.ray.order == "critical_path":
+            estimates = estimate_all(stages, len(splits.train), tracker.client)
+        monitor = ProgressMonitor(display) if display is not None else None
+        ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_dir,
+                                monitor.hub if monitor is not None else None, ray.put(splits))
+        try:
+            results, error = run_graph(stages, shown(monitor, lambda s, inputs: execute(s, ctx, inputs)),
+                                       resources.get("CPU", 1.0), cfg.ray.parallel, estimates)
+        finally:
+            if monitor is not None:
+                monitor.close()
+        summary = summarise(cfg, stages, results, parent, tracking_uri, time.perf_counter() - began, estimates)
         tracker.log_metrics(parent, {k: summary[k] for k in ("retention", "auc_retention", "compression", "wall_s")
                                      if summary.get(k) is not None})
         if summary["student"]:
@@ -92,3 +112,22 @@ def run_experiment(
         if error is not None:
             raise ExperimentFailedError(str(error), summary) from error
     return summary
+
+
+def shown(monitor: ProgressMonitor | None, run_stage: Callable[[Stage, dict[str, StageResult]], StageResult]
+          ) -> Callable[[Stage, dict[str, StageResult]], StageResult]:
+    """``run_stage``, telling ``monitor`` (if any) when each stage starts and how it ends."""
+    if monitor is None:
+        return run_stage
+
+    def run(stage: Stage, inputs: dict[str, StageResult]) -> StageResult:
+        monitor.started(stage.name)
+        status = "FAILED"
+        try:
+            result = run_stage(stage, inputs)
+            status = "REUSED" if result.reused else result.status
+            return result
+        finally:
+            monitor.finished(stage.name, status)
+
+    return run

@@ -3,6 +3,9 @@
 Retention is the distilled student's test accuracy over the best teacher's; compression is the best teacher's
 parameter count over the student's (DESIGN.md: both on the same test set, parameter-count ratio); AUC retention is
 the student's test ROC-AUC over the best teacher's (the tabular distillation study's measure, arXiv 2605.18702).
+
+Each stage's row carries its scheduler estimate (``estimate_s``) beside its actual ``wall_s`` and its phases
+(:mod:`hpmkd.phases`); ``schedule`` gives the order used and the critical path, estimated and actual.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from hpmkd.components.graph import Stage, StageResult
+from hpmkd.components.scheduler import critical_path
 from hpmkd.components.stage_params import TEACHER_KINDS, TunedConfig
 from hpmkd.config import ExperimentConfig
 
@@ -24,8 +28,10 @@ def summarise(
     parent_run_id: str,
     tracking_uri: str,
     wall_s: float,
+    estimates: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     rows = [results[s.name] for s in stages if s.name in results]
+    deps = {s.name: list(s.deps) for s in stages}
     teachers = []
     for r in rows:
         if r.kind in TEACHER_KINDS and r.status == "FINISHED":
@@ -52,9 +58,11 @@ def summarise(
         "stages": [
             {"name": r.name, "kind": r.kind, "model": r.artifact.model.model if r.artifact else None, "run_id": r.run_id,
              "status": r.status, "wall_s": r.wall_s,
-             "started_s": r.started_s, "wait_s": r.wait_s, "reused": r.reused, "metrics": r.metrics, "error": r.error}
+             "started_s": r.started_s, "wait_s": r.wait_s, "reused": r.reused, "metrics": r.metrics, "error": r.error,
+             "estimate_s": r.estimate_s, "phases": r.phases, "deps": deps[r.name]}
             for r in rows
         ],
+        "schedule": schedule(cfg, stages, results, estimates),
         "teachers": teachers,
         "student": student,
         "student_alone": None if alone is None else {"model": alone.artifact.model.model, "params": alone.artifact.params,
@@ -69,6 +77,17 @@ def summarise(
 def auc_of(result: StageResult) -> dict[str, float]:
     """``{"test_auc": ...}`` when the stage recorded one (:mod:`hpmkd.metrics`)."""
     return {"test_auc": result.metrics["test_auc"]} if "test_auc" in result.metrics else {}
+
+
+def schedule(cfg: ExperimentConfig, stages: list[Stage], results: dict[str, StageResult],
+             estimates: dict[str, float] | None) -> dict[str, Any]:
+    """The order ready stages started in, and the critical path (by the estimates, else by the actual times) with
+    its estimated and actual seconds."""
+    actual = {name: r.wall_s for name, r in results.items()}
+    path = critical_path(stages, estimates if estimates is not None else actual)
+    return {"order": cfg.ray.order, "critical_path": path,
+            "critical_path_estimate_s": None if estimates is None else sum(estimates[n] for n in path),
+            "critical_path_actual_s": sum(actual.get(n, 0.0) for n in path)}
 
 
 def config_manager(rows: list[StageResult]) -> dict[str, Any] | None:

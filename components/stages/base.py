@@ -12,6 +12,10 @@ it runs, :mod:`hpmkd.components.stage_params`) with one method, :meth:`StageKind
    (tag ``not_reused``: the code changed, or which settings did). While another driver sharing the store computes
    the same key, the stage waits for it and then reuses it (:mod:`hpmkd.components.claims`);
 4. the nested MLflow run closes FINISHED, or FAILED with the error while earlier stages stay as they are.
+
+Where the stage's time went is recorded on its run as ``stage_phase.<name>_s`` metrics (:mod:`hpmkd.phases`): the
+kind adds its phases to :attr:`StageRun.phases`, :func:`execute` the claim and the total, and what the stage
+trained (:func:`hpmkd.components.estimates.work_metrics`), which later duration estimates learn from.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from abc import ABC, abstractmethod
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from hpmkd.components import claims
+from hpmkd.components.estimates import work_metrics
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageParams, StageResult
 from hpmkd.components.stage_params import TunedConfig
 from hpmkd.components.tracking import MAX_PARAM_LENGTH, Tracker
@@ -33,6 +38,7 @@ from hpmkd.config import ExperimentConfig
 from hpmkd.config_schema import flatten, from_dict, to_dict
 from hpmkd.data import DataSplits
 from hpmkd.paths import inside, safe_name
+from hpmkd.phases import Phases
 from hpmkd.registry import Registry
 from hpmkd.version import code_version
 
@@ -52,6 +58,8 @@ class ExperimentContext:
     splits: DataSplits
     storage_path: str
     out_dir: Path
+    progress_hub: Any = None  # a ProgressHub actor that training processes report their epochs to
+    splits_ref: Any = None  # ``splits`` in Ray's object store: training processes read it instead of the files
 
     def stage_dir(self, stage: str) -> Path:
         """The folder of stage ``stage``'s files: a safe file name under :attr:`out_dir`, never outside it."""
@@ -60,10 +68,11 @@ class ExperimentContext:
 
 @dataclass
 class StageRun:
-    """The MLflow run recording a stage, and the stage's content key."""
+    """The MLflow run recording a stage, the stage's content key, and where its time goes."""
 
     run_id: str
     key: str
+    phases: Phases = field(default_factory=Phases)
 
 
 class StageKind(ABC):
@@ -122,10 +131,12 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
         "seed": str(ctx.cfg.seed),
     }
     began = time.perf_counter()
+    phases = Phases()
     try:
         with ctx.tracker.run(stage.name, tags, ctx.parent_run_id) as run_id:
             ctx.tracker.log_params(run_id, settings)
-            previous = claims.claim(ctx.tracker, key, run_id) if ctx.cfg.reuse else None
+            with phases.timed("claim"):
+                previous = claims.claim(ctx.tracker, key, run_id) if ctx.cfg.reuse else None
             if previous is not None:
                 log.info("stage %s (%s): reusing finished run %s (same key %s)", stage.name, stage.kind, previous, key)
                 outcome = reuse(ctx, stage, kind, previous)
@@ -134,17 +145,21 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
                 if ctx.cfg.reuse:
                     explain_not_reused(ctx, stage, settings, run_id)
                 log.info("stage %s (%s) started, MLflow run %s", stage.name, stage.kind, run_id)
-                outcome = kind.run(stage, ctx, inputs, StageRun(run_id, key))
+                outcome = kind.run(stage, ctx, inputs, StageRun(run_id, key, phases))
                 ctx.tracker.log_dict(run_id, {"metrics": outcome.metrics, "artifact": to_dict(outcome.artifact),
                                               "record": to_dict(outcome.record)}, STAGE_RECORD)
             ctx.tracker.log_metrics(run_id, final_metrics(outcome.metrics))
+            phases.add("total", time.perf_counter() - began)
+            work_tags, work = work_metrics(stage, len(ctx.splits.train))  # what later estimates learn from
+            ctx.tracker.set_tags(run_id, work_tags)
+            ctx.tracker.log_metrics(run_id, {**phases.metrics(), **work})
     except BaseException as err:
         log.error("stage %s FAILED after %.1f s: %s", stage.name, time.perf_counter() - began, err)
         raise
     log.info("stage %s finished in %.1f s: %s", stage.name, time.perf_counter() - began,
              ", ".join(f"{k}={outcome.metrics[k]:.4f}" for k in ("val_acc", "test_acc") if k in outcome.metrics))
     return StageResult(stage.name, stage.kind, run_id, "FINISHED", time.perf_counter() - began, outcome.metrics,
-                       outcome.artifact, outcome.record, key, reused=previous is not None)
+                       outcome.artifact, outcome.record, key, reused=previous is not None, phases=phases.seconds)
 
 
 def reuse(ctx: ExperimentContext, stage: Stage, kind: StageKind, run_id: str) -> StageOutcome:

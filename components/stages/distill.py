@@ -61,9 +61,12 @@ def distill_setup(stage: Stage, ctx: ExperimentContext, params: Distill, inputs:
     ctx.tracker.set_tags(run.run_id, {"teacher_weights": ",".join(t.digest for t in teachers),
                                       **{f"{role}_weights": a.digest for role, a in (("init", init), ("reference", reference))
                                          if a is not None}})
-    plan = prepare_teacher_outputs(OutputsRequest(
-        ctx.cfg, params.recipe.distill, ctx.splits, [TeacherSpec(t.name, t.model, ctx.splits.shape) for t in teachers],
-        [t.path for t in teachers], teacher_taps_needed(spec, ctx.splits), [t.train_outputs for t in teachers]))
+    with run.phases.timed("teacher_outputs"):
+        plan = prepare_teacher_outputs(OutputsRequest(
+            ctx.cfg, params.recipe.distill, ctx.splits,
+            [TeacherSpec(t.name, t.model, ctx.splits.shape) for t in teachers],
+            [t.path for t in teachers], teacher_taps_needed(spec, ctx.splits),
+            [t.train_outputs for t in teachers]))
     try:
         ctx.tracker.set_tags(run.run_id, {"teacher_outputs": plan.source})
         if plan.uses:

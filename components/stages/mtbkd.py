@@ -69,7 +69,7 @@ class PoolKind(StageKind):
                    "params": float(params.model.count_params(ctx.splits.shape)),
                    "pooled_members": float(len(payload["members"])),
                    **final_test_metrics(predictor, ctx.splits, batch, cpu, ctx.cfg.evaluation)}
-        record_model(ctx, run.run_id, params.model, path, None, as_mlflow_model=ctx.cfg.mlflow.log_models)
+        record_model(ctx, run, params.model, path, None, as_mlflow_model=ctx.cfg.mlflow.log_models)
         artifact = ModelArtifact(stage.name, params.model, str(path), checkpoint.file_digest(path),
                                  int(metrics["params"]), selected(metrics))
         return StageOutcome(metrics, artifact)

@@ -46,8 +46,11 @@ def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: 
         run_id=run.run_id,
         teacher_actors=teacher_actors,
         teacher_cache=teacher_cache,
+        progress_hub=ctx.progress_hub,
+        splits_ref=ctx.splits_ref if spec.data == ctx.cfg.data and spec.seed == ctx.cfg.seed else None,
     )
-    record_model(ctx, run.run_id, spec.model, trained.model_path, trained.state_path,
+    run.phases.update(trained.phases)
+    record_model(ctx, run, spec.model, trained.model_path, trained.state_path,
                  as_mlflow_model=ctx.cfg.mlflow.log_models and stage.kind not in TEACHER_KINDS)
     if "reference_sha256" in trained.metrics:
         ctx.tracker.set_tags(run.run_id, {"reference_state_sha256": trained.metrics["reference_sha256"]})
@@ -62,19 +65,23 @@ def selected(metrics: dict[str, float]) -> dict[str, float]:
     return {k: metrics[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss") if k in metrics}
 
 
-def record_model(ctx: ExperimentContext, run_id: str, model: ModelRef, model_path: Path, state_path: Path | None,
+def record_model(ctx: ExperimentContext, run: StageRun, model: ModelRef, model_path: Path, state_path: Path | None,
                  as_mlflow_model: bool) -> None:
     """Log the checkpoint files, and with ``as_mlflow_model`` the predictor itself as an MLflow model (for a table,
     one that predicts from raw rows: :mod:`hpmkd.components.table_model`)."""
-    ctx.tracker.log_artifact(run_id, model_path, "checkpoint")
-    if state_path is not None:
-        ctx.tracker.log_artifact(run_id, state_path, "checkpoint")
-    if as_mlflow_model and ctx.splits.preprocessing is not None:  # a table: the exported model reads raw rows
-        log_table_model(ctx.tracker, run_id, str(model_path), model, ctx.splits)
-    elif as_mlflow_model:
-        predictor = load_predictor(str(model_path), model, ctx.splits.shape)
-        module = predictor.model if isinstance(predictor, SingleModel) else predictor
-        ctx.tracker.log_model(run_id, module.eval(), ctx.splits.test.rows(torch.arange(2))[0].numpy())
+    with run.phases.timed("record_files"):
+        ctx.tracker.log_artifact(run.run_id, model_path, "checkpoint")
+        if state_path is not None:
+            ctx.tracker.log_artifact(run.run_id, state_path, "checkpoint")
+    if not as_mlflow_model:
+        return
+    with run.phases.timed("export_model"):
+        if ctx.splits.preprocessing is not None:  # a table: the exported model reads raw rows
+            log_table_model(ctx.tracker, run.run_id, str(model_path), model, ctx.splits)
+        else:
+            predictor = load_predictor(str(model_path), model, ctx.splits.shape)
+            module = predictor.model if isinstance(predictor, SingleModel) else predictor
+            ctx.tracker.log_model(run.run_id, module.eval(), ctx.splits.test.rows(torch.arange(2))[0].numpy())
 
 
 class TrainKind(StageKind):

@@ -42,6 +42,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from hpmkd import checkpoint
+from hpmkd.components import progress
 from hpmkd.components.config_manager import budget_epochs, fixed_for, memory_records, proposals_for, source_of
 from hpmkd.components.graph import Stage, StageOutcome, StageResult
 from hpmkd.components.memory import make_record, remember, task_features
@@ -120,6 +121,7 @@ class TrialSetup:
     stage_name: str
     teacher_actors: list[Any]
     teacher_cache: list[list[str]]
+    progress_hub: Any = None  # each trial's epochs are shown live, as row ``<stage>/<trial id>``
 
     def trial_spec(self, config: dict[str, float]) -> StageSpec:
         """The distillation spec with ``config`` applied (recipe and train settings) at the trial budget."""
@@ -154,7 +156,8 @@ def run_trial(config: dict[str, float], setup: TrialSetup) -> None:
     """Tune function trainable: train one configuration in this process, one Tune report (and checkpoint) per epoch."""
     torch.set_num_threads(setup.threads)
     client = MlflowClient(setup.tracking_uri)
-    run_id = trial_run(client, setup, tune.get_context().get_trial_id(), config)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = trial_run(client, setup, trial_id, config)
     resume = None
     if (saved := tune.get_checkpoint()) is not None:
         with saved.as_directory() as folder:
@@ -169,6 +172,7 @@ def run_trial(config: dict[str, float], setup: TrialSetup) -> None:
         # Recorded before the report: Tune may end the trial at the report (ASHA, max_t), and nothing after it runs.
         # (So a crash between the two can record one epoch twice; it is retrained from the previous checkpoint.)
         log_metrics(client, run_id, metrics, step=int(metrics["epoch"]))
+        progress.send(setup.progress_hub, f"{setup.stage_name}/{trial_id}", setup.budget, metrics)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint.save_atomic(state, Path(folder) / checkpoint.STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -303,7 +307,8 @@ class TuneKind(StageKind):
         with distill_setup(stage, ctx, distill, inputs, run) as (spec, plan):
             setup = TrialSetup(cfg, params.recipe, spec, space, budget_epochs(cfg),
                                max(1, int(params.config_manager.cpus_per_trial)), ctx.tracker.tracking_uri,
-                               ctx.tracker.experiment_id, run.run_id, search, stage.name, list(plan.pools), plan.cache)
+                               ctx.tracker.experiment_id, run.run_id, search, stage.name, list(plan.pools), plan.cache,
+                               ctx.progress_hub)
             name = storage_name(ctx, stage, search)
             tuner, restored = make_tuner(setup, [p.config for p in proposals], name, ctx.storage_path)
             grid = tuner.fit()
