@@ -56,7 +56,9 @@ class DataSplits:
     """A data set split for one experiment.
 
     ``fingerprint`` is a sha256 prefix over the raw source arrays, the split indices and the preprocessing
-    parameters (see :mod:`hpmkd.data.fingerprint`); ``source`` says where the raw data was read from.
+    parameters (see :mod:`hpmkd.data.fingerprint`); ``source`` says where the raw data was read from. ``meta``: the
+    held-out part of the training split that a schedule learned from held-out data steps on (``None`` without one;
+    :mod:`hpmkd.data.splits`).
     """
 
     name: str
@@ -68,6 +70,7 @@ class DataSplits:
     class_names: list[str]
     fingerprint: str
     source: str
+    meta: Split | None = None
 
     @property
     def shape(self) -> DataShape:

@@ -31,6 +31,7 @@ def load_dataset(
     max_train: int | None = None,
     max_val: int | None = None,
     max_test: int | None = None,
+    meta_fraction: float = 0.0,
     download: bool = False,
 ) -> DataSplits:
     """Load data set ``name`` (see :data:`DATASETS`) split into train/val/test, fixed by ``seed``.
@@ -38,9 +39,12 @@ def load_dataset(
     The validation split is a stratified ``val_fraction`` of the official training set; ``max_*`` keep stratified
     subsets of each split (every class present when the limit is at least the number of classes). Data sets without
     an official test split hold out a stratified test split first (20 %). ``options`` are the data set's own
-    (``data.options``); they enter the fingerprint.
+    (``data.options``); they enter the fingerprint. ``meta_fraction > 0`` holds a stratified part of the training
+    split out as the meta split (``DataSplits.meta``, :mod:`hpmkd.data.splits`); it enters the fingerprint only then,
+    so every split plan without one keeps its fingerprint.
     """
     check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
+    check_meta_fraction(meta_fraction)
     raw = read_raw(name, root, download, options)
     idx = split_indices(
         raw.train_y,
@@ -51,6 +55,7 @@ def load_dataset(
         max_train=max_train,
         max_val=max_val,
         max_test=max_test,
+        meta_fraction=meta_fraction,
     )
     test_x, test_y = (raw.train_x, raw.train_y) if raw.test_x is None else (raw.test_x, raw.test_y)
     train_x = raw.to_model(raw.train_x[idx.train])
@@ -58,6 +63,7 @@ def load_dataset(
     train = make_split(train_x, raw.train_y[idx.train], mean, std)
     val = make_split(raw.to_model(raw.train_x[idx.val]), raw.train_y[idx.val], mean, std)
     test = make_split(raw.to_model(test_x[idx.test]), test_y[idx.test], mean, std)
+    meta = make_split(raw.to_model(raw.train_x[idx.meta]), raw.train_y[idx.meta], mean, std) if len(idx.meta) else None
     params = {
         "seed": seed,
         "val_fraction": val_fraction,
@@ -69,12 +75,14 @@ def load_dataset(
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
         **({"options": options} if options else {}),  # absent when empty: the fingerprint of every earlier run stays
+        **({"meta_fraction": meta_fraction} if meta is not None else {}),  # likewise
     }
     return DataSplits(
         name=name,
         train=train,
         val=val,
         test=test,
+        meta=meta,
         num_classes=len(raw.class_names),
         input_shape=tuple(int(d) for d in train.x.shape[1:]),
         class_names=list(raw.class_names),
@@ -113,6 +121,12 @@ def check_arguments(val_fraction: float, **limits: int | None) -> None:
             raise ConfigError(f"data.{key}: must be a positive number of samples (or null for all), got {value}.")
 
 
+def check_meta_fraction(meta_fraction: float) -> None:
+    if not 0.0 <= meta_fraction < 1.0:
+        raise ConfigError(f"data.meta_fraction: the share of the training split held out for a schedule learned from "
+                          f"held-out data must be in [0, 1), got {meta_fraction}.")
+
+
 def statistics(raw: RawData, train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``(μ, σ)``: the data set's constants, or the training split's (see module docstring)."""
     if raw.mean is not None and raw.std is not None:
@@ -130,7 +144,9 @@ def make_split(x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray) 
 
 
 def source_and_indices(raw: RawData, idx: SplitIndices) -> dict[str, np.ndarray | None]:
+    meta = {"idx_meta": idx.meta} if len(idx.meta) else {}  # absent without a meta split (earlier fingerprints stay)
     return {
+        **meta,
         "raw_train_x": raw.train_x,
         "raw_train_y": raw.train_y,
         "raw_test_x": raw.test_x,

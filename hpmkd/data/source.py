@@ -13,6 +13,8 @@ from typing import Iterator, Protocol
 
 from torch import Tensor
 
+from hpmkd.data.batching import epoch_order
+
 
 class BatchSource(Protocol):
     def __len__(self) -> int:
@@ -25,3 +27,26 @@ class BatchSource(Protocol):
 
     def rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, y)`` of the rows ``index``."""
+
+
+class RowSubset:
+    """The rows ``positions`` of another source, as a source: its batches (in :func:`epoch_order` over the subset)
+    carry the parent's row indices, which stored teacher outputs are keyed by, and ``rows`` takes them. A search
+    trial's reduced training set (:attr:`hpmkd.training.StageSpec.train_fraction`)."""
+
+    def __init__(self, parent: BatchSource, positions: Tensor):
+        self.parent = parent
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        order = epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+        for start in range(0, len(order), batch_size):
+            index = self.positions[order[start : start + batch_size]]
+            yield *self.parent.rows(index), index
+
+    def rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.parent.rows(index)
