@@ -13,8 +13,11 @@ Graph::
 
 The assistants are given by hand (``chain.assistants``) or planned (:func:`hpmkd.chain.plan_chain`, ``chain.max_gap``
 and friends). Every step distils with the ``distill`` recipe: the first assistant from all the teachers, each
-later step from the one before. Each assistant is a ``chain_link`` stage; ``chain.epsilon`` turns on HPM-KD's stop
-rule at run time (:mod:`hpmkd.components.stages.distill`): assistants after a link whose relative validation gain
+later step from the one before. Each assistant is a ``chain_link`` stage. ``chain.min_link_gain`` makes
+``chain_plan`` wait for the teacher it compresses and ``student_alone`` and decide from their measured accuracies
+how many assistants pay for themselves (:func:`hpmkd.chain.decide_links`); the links beyond are skipped, and the
+links after them and the student leave skipped links out of their teachers (:mod:`hpmkd.components.stages.distill`).
+``chain.epsilon`` turns on HPM-KD's stop rule at run time: assistants after a link whose relative validation gain
 fell below ε are skipped, and the student distils from the last assistant trained.
 """
 
@@ -31,10 +34,12 @@ from hpmkd.config import SECTIONS, ExperimentConfig, check_model, positive
 from hpmkd.config_schema import join
 from hpmkd.data.loading import data_shape
 from hpmkd.models.ref import DataShape, ModelRef
-from hpmkd.pipelines.registry import PIPELINES, baseline_stages, distill_stage, teacher_stages
+from hpmkd.pipelines.registry import STUDENT_ALONE, PIPELINES, baseline_stages, distill_stage, teacher_stages
 from hpmkd.registry import ConfigError, did_you_mean
 
 log = logging.getLogger("hpmkd")
+
+CHAIN_PLAN = "chain_plan"
 
 
 @SECTIONS.register("chain")
@@ -47,9 +52,13 @@ class ChainConfig:
     ``null`` plans them (:func:`hpmkd.chain.plan_chain`): sizes near ``|θ_T|·r^{i/L}`` in the student's family,
     ``L`` the fewest steps (at most ``max_steps``) whose every size ratio ``|θ_{i−1}|/|θ_i|`` is at most
     ``max_gap``, scaling ``width``, ``depth`` or ``both``. ``plan_from``: the teacher whose size is ``|θ_T|``
-    (default: the largest). ``epsilon``: HPM-KD's stop rule (arXiv 2512.09886, progressive chain), ``null`` = off:
-    after assistant ``i >= 2`` whose relative validation gain ``(Acc_i − Acc_{i−1})/Acc_{i−1}`` is below ε, the
-    remaining assistants are skipped and the student distils from assistant ``i``.
+    (default: the largest). ``min_link_gain``: the measured first-link rule (:func:`hpmkd.chain.decide_links`),
+    ``null`` = off: once the teacher ``plan_from`` and the student alone (``distill.baseline``) are measured, only as
+    many assistants are trained as their relative validation gap gives each step at least ``min_link_gain``; the
+    rest are skipped (none trained: the student distils from the teachers directly). ``epsilon``: HPM-KD's stop rule
+    (arXiv 2512.09886, progressive chain), ``null`` = off: after assistant ``i >= 2`` whose relative validation gain
+    ``(Acc_i − Acc_{i−1})/Acc_{i−1}`` is below ε, the remaining assistants are skipped and the student distils from
+    assistant ``i``.
     """
 
     assistants: list[ModelRef] | None = None
@@ -57,13 +66,14 @@ class ChainConfig:
     max_steps: int = 6
     scale: Literal["width", "depth", "both"] = "both"
     plan_from: str | None = None
+    min_link_gain: float | None = None
     epsilon: float | None = None
 
     def check(self, path: str) -> None:
         if not self.max_gap > 1:
             raise ConfigError(f"{join(path, 'max_gap')}: must be > 1 (the largest size ratio allowed between "
                               f"consecutive models of the chain), got {self.max_gap}.")
-        positive(path, max_steps=self.max_steps)
+        positive(path, max_steps=self.max_steps, min_link_gain=self.min_link_gain)
 
     def check_with(self, cfg: ExperimentConfig) -> None:
         names = cfg.teacher_names()
@@ -74,13 +84,19 @@ class ChainConfig:
             check_model(assistant, f"chain.assistants.{i}")
 
 
+def plan_teacher(cfg: ExperimentConfig, shape: DataShape) -> str:
+    """The name of the teacher the chain compresses: ``chain.plan_from``, or the largest."""
+    candidates = [t for t in cfg.teachers if cfg.chain.plan_from in (None, t.name)]
+    return max(candidates, key=lambda t: t.ref.count_params(shape)).name
+
+
 def plan_for(cfg: ExperimentConfig) -> ChainPlan:
     """The chain from the teacher ``chain.plan_from`` (default: the largest) to the student, given by hand or
     planned; sized for the data set's classes and input shape."""
     num_classes, input_shape = data_shape(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.options)
     shape = DataShape(num_classes, input_shape)
-    candidates = [t.ref for t in cfg.teachers if cfg.chain.plan_from in (None, t.name)]
-    teacher = max(candidates, key=lambda m: m.count_params(shape))
+    name = plan_teacher(cfg, shape)
+    teacher = next(t.ref for t in cfg.teachers if t.name == name)
     if cfg.chain.assistants is not None:
         return describe_chain(teacher, cfg.chain.assistants, cfg.student.ref, shape=shape, max_gap=cfg.chain.max_gap)
     return plan_chain(teacher, cfg.student.ref, shape=shape, max_gap=cfg.chain.max_gap, scale=cfg.chain.scale,
@@ -94,17 +110,37 @@ def chain_stages(cfg: ExperimentConfig, teachers: list[Stage], keep_teachers: bo
     student's stage is exactly ``kd``'s ``distill`` (same settings, so the same content key)."""
     plan = plan_for(cfg)
     log.info("chain plan (%d steps):\n%s\n%s", plan.steps, plan.table(), plan.why)
-    stages = [Stage("chain_plan", ChainPlanRecord(plan.as_dict()), cpus=0.0)]
+    record, plan_deps = plan_record(cfg, plan, teachers)
+    stages = [Stage(CHAIN_PLAN, record, deps=plan_deps, cpus=0.0)]
     first = [t.name for t in teachers]
     previous = first
+    after = (CHAIN_PLAN,) if record.measured else ()
     for i, assistant in enumerate(plan.assistants, start=1):
         # only links after the first tested one can be skipped by the ε rule
         epsilon = cfg.chain.epsilon if i > FIRST_TESTED_LINK else None
-        stages.append(distill_stage(cfg, f"assistant_{i}", previous, ChainLink, student=assistant.model, index=i,
-                                    steps=plan.steps, epsilon=epsilon))
+        stages.append(distill_stage(cfg, f"assistant_{i}", previous, ChainLink, after=after, student=assistant.model,
+                                    index=i, steps=plan.steps, epsilon=epsilon))
         previous = [*first, f"assistant_{i}"] if keep_teachers else [f"assistant_{i}"]
     stages.append(distill_stage(cfg, "distill", previous))
     return stages
+
+
+def plan_record(cfg: ExperimentConfig, plan: ChainPlan, teachers: list[Stage]) -> tuple[ChainPlanRecord, list[str]]:
+    """The ``chain_plan`` stage's params and inputs: with ``chain.min_link_gain`` and assistants to decide on, it
+    reads the measured teacher (``plan_from``) and the student alone (:func:`hpmkd.chain.decide_links`)."""
+    gain = cfg.chain.min_link_gain
+    if gain is None or not plan.assistants:
+        return ChainPlanRecord(plan.as_dict()), []
+    if not cfg.distill.baseline:
+        raise ConfigError("chain.min_link_gain: the planner measures the gap between the teacher and the student "
+                          "trained alone, but distill.baseline is false. Set distill.baseline: true, or "
+                          "chain.min_link_gain: null to train the planned assistants unconditionally.")
+    shape = DataShape(*data_shape(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.options))
+    teacher = f"teacher_{plan_teacher(cfg, shape)}"
+    if teacher not in {t.name for t in teachers}:
+        raise ConfigError(f"chain.plan_from: the chain compresses {teacher!r}, which this pipeline's chain does not "
+                          f"read; name one of {', '.join(t.name for t in teachers)}.")
+    return ChainPlanRecord(plan.as_dict(), teacher, STUDENT_ALONE, gain), [teacher, STUDENT_ALONE]
 
 
 @PIPELINES.register("takd")
