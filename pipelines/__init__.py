@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from hpmkd.components.graph import Stage
 from hpmkd.config import ExperimentConfig
-from hpmkd.pipelines import chain, hpmkd, kd, smskd  # noqa: F401  (register "takd", "hpmkd", "kd", "smskd")
+# register "takd", "hpmkd", "kd", "smskd", "teachers"
+from hpmkd.pipelines import chain, hpmkd, kd, smskd, teachers  # noqa: F401
 from hpmkd.pipelines.config_manager import with_tune_stage
 from hpmkd.pipelines.registry import PIPELINES
 from hpmkd.pipelines.switches import effective_config
