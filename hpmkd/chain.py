@@ -371,17 +371,17 @@ def decide_links(planned: int, teacher_acc: float, student_acc: float, min_link_
     affordable = math.floor(math.log1p(gap) / math.log1p(min_link_gain) + 1e-9) if gap > 0 else 1
     kept = max(1, min(steps, affordable)) - 1
     per_step = (1 + gap) ** (1 / steps) - 1 if gap > 0 else 0.0
-    measured = (f"measured on validation: teacher {teacher_acc:.4f}, student alone {student_acc:.4f}: relative gap "
+    measured = (f"Measured on validation: teacher {teacher_acc:.4f}, student alone {student_acc:.4f}, relative gap "
                 f"G = {gap:.4f}; min_link_gain ε = {min_link_gain:g}.")
     if kept == planned:
-        verdict = (f"the planned {steps} steps carry (1 + G)^(1/{steps}) - 1 = {per_step:.4f} >= ε each: "
+        verdict = (f"The planned {steps} steps carry (1 + G)^(1/{steps}) - 1 = {per_step:.4f} >= ε each: "
                    f"{'every' if planned > 1 else 'the'} assistant pays for itself and is trained.")
     elif kept == 0:
         verdict = (f"G < (1 + ε)^2 - 1 = {(1 + min_link_gain) ** 2 - 1:.4f}: an assistant would sit within ε of the "
                    f"teacher or the student, so it does not pay for itself; no assistant is trained and the student "
                    f"distils from the teachers directly.")
     else:
-        verdict = (f"the planned {steps} steps would carry {per_step:.4f} < ε each; the gap pays for {kept + 1} "
+        verdict = (f"The planned {steps} steps would carry {per_step:.4f} < ε each; the gap pays for {kept + 1} "
                    f"steps: assistants 1..{kept} are trained, the rest skipped.")
     return ChainDecision(planned, kept, teacher_acc, student_acc, min_link_gain, f"{measured} {verdict}")
 

@@ -140,6 +140,9 @@ def plan_record(cfg: ExperimentConfig, plan: ChainPlan, teachers: list[Stage]) -
     if teacher not in {t.name for t in teachers}:
         raise ConfigError(f"chain.plan_from: the chain compresses {teacher!r}, which this pipeline's chain does not "
                           f"read; name one of {', '.join(t.name for t in teachers)}.")
+    log.info("chain plan: with min_link_gain %g, the %d assistant(s) are trained only where the gap measured between "
+             "%s and %s pays for them (decided once both have run, hpmkd.chain.decide_links)", gain,
+             len(plan.assistants), teacher, STUDENT_ALONE)
     return ChainPlanRecord(plan.as_dict(), teacher, STUDENT_ALONE, gain), [teacher, STUDENT_ALONE]
 
 
