@@ -25,6 +25,10 @@ compression; then HPM-KD against the student alone, and the issue's targets, eac
 
     python benchmarks/hpmkd_vs_baselines.py [--seeds 0 1 2 3 4] [--sequential-seeds 0] [--tracking-uri URI]
         [--out table.md] [--rows ROW ...]
+    python benchmarks/hpmkd_vs_baselines.py --collect URI [URI ...] [--rows ROW ...] [--out table.md]
+
+``--collect`` runs nothing: it builds the same tables from finished runs in one or more stores (for instance each
+seed run into its own fresh store, side by side, as a new user's first run would be).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from hpmkd.components.report.ablation import paired_test
+from hpmkd.components.report.ablation import FULL, VARIANT_TAG, paired_test
 from hpmkd.components.tracking import Tracker, child_runs, default_tracking_uri
 from hpmkd.config import ExperimentConfig, load_config
 from kd_vs_alone import add_seeded_run_args, mean_std, seeds_of
@@ -146,6 +150,62 @@ def markdown(rows: dict[str, list[Row]], seeds: list[int]) -> list[str]:
     return lines
 
 
+def collect(uris: list[str], experiment: str, pipeline: str, labels: list[str]) -> dict[str, dict[int, Run]]:
+    """The finished pipeline runs of ``experiment`` in the stores ``uris`` (each seed run in a fresh store, say):
+    row label -> seed -> the newest run. A run tagged ``baseline`` is that row; an untagged run of ``pipeline``
+    (or an ablation's full run) is HPM-KD. Each run's store URI is added to its tags as ``store``."""
+    found: dict[str, dict[int, Run]] = {}
+    for uri in uris:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = [] if exp is None else client.search_runs(
+            [exp.experiment_id], "tags.kind = 'pipeline' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"])
+        for run in runs:
+            tags = run.data.tags
+            full = tags.get("pipeline") == pipeline and tags.get(VARIANT_TAG, FULL) == FULL
+            label = tags.get("baseline") or (HPMKD if full else None)
+            if label in (*labels, HPMKD):
+                run.data.tags["store"] = uri
+                found.setdefault(label, {})[int(tags["seed"])] = run
+    return found
+
+
+def stored_row(run: Run, stage: str = "distill") -> Row:
+    """:func:`row_of` for a run found by :func:`collect`."""
+    return row_of(MlflowClient(run.data.tags["store"]), run.info.run_id, stage)
+
+
+def tables(rows: dict[str, list[Row]], seeds: list[int], walls: dict[str, list[float]]) -> list[str]:
+    """:func:`markdown`, HPM-KD's rows first, then the mean wall times."""
+    ordered = dict(sorted(rows.items(), key=lambda item: item[0] not in (HPMKD, ALONE)))
+    lines = markdown(ordered, seeds)
+    for label, values in walls.items():
+        lines.append(f"\nwall time, {label}: {statistics.mean(values):.0f} s (mean over {len(values)} seed(s), "
+                     f"per seed: {', '.join(f'{v:.0f}' for v in values)})")
+    return lines
+
+
+def report(lines: list[str], out: str | None) -> None:
+    print("\n".join(lines), flush=True)
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
+
+
+def collected_tables(args, labels: list[str]) -> tuple[dict[str, list[Row]], list[str]]:
+    """``--collect``: the tables of the seeds every row has in the stores ``args.collect``; nothing runs."""
+    cfg = load_config(args.config, args.overrides)
+    found = collect(args.collect, cfg.experiment, cfg.pipeline, labels)
+    seeds = sorted(set.intersection(*(set(found.get(label, {})) for label in (HPMKD, *labels))))
+    if not seeds:
+        raise SystemExit(f"hpmkd: error: --collect: no seed has a finished run of every row ({', '.join(labels)}) "
+                         f"and of {cfg.pipeline} in {', '.join(args.collect)}.")
+    rows = {label: [stored_row(found[label][s]) for s in seeds] for label in (HPMKD, *labels)}
+    rows[ALONE] = [stored_row(found[HPMKD][s], "student_alone") for s in seeds]
+    walls = {HPMKD: [stage_seconds(found[HPMKD][s]) for s in seeds]}
+    return rows, tables(rows, seeds, walls)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "conf" / "default.yaml"))
@@ -155,49 +215,58 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the Markdown tables here (after every seed)")
     ap.add_argument("--rows", nargs="+", choices=list(BASELINES), default=list(BASELINES), metavar="ROW",
                     help=f"the baseline rows to run (default: all; {PLAIN_KD!r} is the one the targets compare)")
+    ap.add_argument("--collect", nargs="+", default=None, metavar="URI",
+                    help="run nothing: build the tables from the finished runs in these stores (e.g. one per seed)")
     add_seeded_run_args(ap, "one seed, a tiny subset, 2 epochs per model")
     args = ap.parse_args()
+    if args.collect:
+        rows, lines = collected_tables(args, args.rows)
+    else:
+        rows, lines = run_seeds(args)
+    report(lines, args.out)
+    best_baseline = max(args.rows, key=lambda label: statistics.mean(r.test for r in rows[label]))
+    gap = statistics.mean(h.test - r.test for h, r in zip(rows[HPMKD], rows[best_baseline]))
+    print(f"hpmkd_minus_best_baseline={gap * 100:.2f}")
+
+
+def run_seeds(args) -> tuple[dict[str, list[Row]], list[str]]:
+    """Run the rows of ``args.seeds`` seed by seed into one store, the tables reported after each seed (an
+    interrupted run keeps the seeds it finished)."""
     uri = args.tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
     common = [*(QUICK if args.quick else []), *args.overrides]
-    parents: dict[str, list[tuple[str, str]]] = {}  # row -> [(parent run id, stage)]
+    rows: dict[str, list[Row]] = {}
     walls: dict[str, list[float]] = {}
     seeds = seeds_of(args)
-    baselines = {label: BASELINES[label] for label in args.rows}
     plan = plan_ablation(args.config, max(seeds) + 1, components=[], overrides=common)  # the same config's ablation
     tracker = Tracker(uri, plan.base.experiment, plan.base.mlflow.artifact_root)
-    for done, seed in enumerate(seeds, 1):  # seed by seed, the tables rewritten after each (an interrupted run keeps
-        cfg = load_config(args.config, [*common, f"seed={seed}"])  # the seeds it finished)
+    lines: list[str] = []
+    for done, seed in enumerate(seeds, 1):
+        cfg = load_config(args.config, [*common, f"seed={seed}"])
         single = args.teacher or cfg.chain.plan_from or cfg.teachers[0].name
-        for label, (pipeline, which, overrides) in baselines.items():
+        for label in args.rows:
+            pipeline, which, overrides = BASELINES[label]
             run_cfg = load_config(args.config, [*common, f"seed={seed}", f"pipeline={pipeline}",
                                                 teachers_override(cfg, single if which == SINGLE else which),
                                                 *overrides,
                                                 "config_manager.enabled=false", "distill.baseline=false"])
             summary = run_experiment(run_cfg, tracking_uri=uri, tags={"baseline": label})
-            parents.setdefault(label, []).append((summary["parent_run_id"], "distill"))
+            rows.setdefault(label, []).append(row_of(client, summary["parent_run_id"]))
         full = finished_run(plan, tracker, Variant(None), seed)
         if full is None:
             full = run_experiment(cfg, tracking_uri=uri)["parent_run_id"]
-        parents.setdefault(HPMKD, []).append((full, "distill"))
-        parents.setdefault(ALONE, []).append((full, "student_alone"))
+        rows.setdefault(HPMKD, []).append(row_of(client, full))
+        rows.setdefault(ALONE, []).append(row_of(client, full, "student_alone"))
         walls.setdefault(HPMKD, []).append(stage_seconds(client.get_run(full)))
         if seed in args.sequential_seeds:
             seq_cfg = load_config(args.config, [*common, f"seed={seed}", "components.parallel=false",
                                                 "components.memory=false"])
             seq = run_experiment(seq_cfg, tracking_uri=uri, tags={"baseline": SEQUENTIAL})["parent_run_id"]
             walls.setdefault(SEQUENTIAL, []).append(stage_seconds(client.get_run(seq)))
-        rows = {label: [row_of(client, p, stage) for p, stage in ids]
-                for label, ids in sorted(parents.items(), key=lambda item: item[0] not in (HPMKD, ALONE))}
-        lines = markdown(rows, seeds[:done])
-        for label, values in walls.items():
-            lines.append(f"\nwall time, {label}: {statistics.mean(values):.0f} s (mean over {len(values)} seed(s))")
-        print("\n".join(lines), flush=True)
-        if args.out:
-            Path(args.out).write_text("\n".join(lines) + "\n")
-    best_baseline = max(baselines, key=lambda label: statistics.mean(r.test for r in rows[label]))
-    gap = statistics.mean(h.test - r.test for h, r in zip(rows[HPMKD], rows[best_baseline]))
-    print(f"hpmkd_minus_best_baseline={gap * 100:.2f}")
+        lines = tables(rows, seeds[:done], walls)
+        if done < len(seeds):
+            report(lines, args.out)
+    return rows, lines
 
 
 if __name__ == "__main__":
