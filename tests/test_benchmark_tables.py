@@ -4,14 +4,17 @@ target met or missed, computed from the rows as a reader would by hand."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 from scipy import stats
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TEACHER, TEACHER_PARAMS, STUDENT_PARAMS = 0.8947, 103_466, 2_810
+EXPERIMENT = "fashion-mnist-hpmkd"  # conf/default.yaml's
 
 
 @pytest.fixture
@@ -32,7 +35,8 @@ def rows_of(bench, **tests: list[float]) -> dict:
 def targets(lines: list[str]) -> dict[str, tuple[str, str]]:
     """The targets table: target -> (measured, ``met`` or ``**missed**``)."""
     start = lines.index("| target | measured | |") + 2
-    cells = [line.removeprefix("| ").removesuffix(" |").split(" | ") for line in lines[start:]]
+    table = itertools.takewhile(lambda line: line.startswith("| "), lines[start:])
+    cells = [line.removeprefix("| ").removesuffix(" |").split(" | ") for line in table]
     return {target: (measured, verdict) for target, measured, verdict in cells}
 
 
@@ -66,3 +70,42 @@ def test_a_missed_target_is_reported_as_missed(bench):
     assert met["HPM-KD beats plain KD on the mean"] == ("not run", "**missed**")
     assert met["retention ≥ 0.97 at ≥ 10× compression"][1] == "**missed**"
     assert met["best teacher ≥ 3 points above the student alone"][1] == "met"
+
+
+def record(uri: str, seed: int, tags: dict[str, str], students: dict[str, float], status: str = "FINISHED") -> None:
+    """A pipeline run of the default's experiment as the runner records it: a parent tagged ``kind=pipeline``
+    with its seed, and nested stage runs (tag ``stage``) with ``test_acc`` and ``params``: the CNN teacher and
+    ``students`` (stage -> test accuracy)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    artifacts = Path(uri.removeprefix("sqlite:///")).with_suffix("").as_uri()  # beside the store, not in the cwd
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    parent = client.create_run(exp_id, tags={"kind": "pipeline", "seed": str(seed), **tags}).info.run_id
+    for stage, (acc, params) in {"teacher_cnn": (TEACHER, TEACHER_PARAMS),
+                                 **{s: (a, STUDENT_PARAMS) for s, a in students.items()}}.items():
+        child = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "stage": stage}).info.run_id
+        client.log_metric(child, "test_acc", acc)
+        client.log_metric(child, "params", params)
+        client.set_terminated(child)
+    client.set_terminated(parent, status)
+
+
+def test_collect_builds_the_table_from_one_fresh_store_per_seed(bench, tmp_path, capsys, monkeypatch):
+    """Seeds 0 and 1 in two stores; a failed run, an ablation variant and a seed without HPM-KD are left out."""
+    stores = [f"sqlite:///{tmp_path / f's{seed}.db'}" for seed in (0, 1)]
+    for seed, uri in enumerate(stores):
+        record(uri, seed, {"baseline": bench.PLAIN_KD, "pipeline": "kd"}, {"distill": 0.861 + seed / 1000})
+        record(uri, seed, {"pipeline": "hpmkd"}, {"distill": 0.870 + seed / 1000, "student_alone": 0.860})
+    record(stores[0], 0, {"pipeline": "hpmkd"}, {"distill": 0.5, "student_alone": 0.5}, status="FAILED")
+    record(stores[0], 0, {"pipeline": "hpmkd", "ablation_variant": "no_chain"}, {"distill": 0.5, "student_alone": 0.5})
+    record(stores[1], 2, {"baseline": bench.PLAIN_KD, "pipeline": "kd"}, {"distill": 0.9})  # no HPM-KD for seed 2
+    out = tmp_path / "table.md"
+    monkeypatch.setattr(sys, "argv", ["hpmkd_vs_baselines.py", "--collect", *stores, "--rows", bench.PLAIN_KD,
+                                      "--out", str(out)])
+    bench.main()
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("Test accuracy %, mean ± std over seeds 0, 1.")
+    assert "| **HPM-KD (full)** | 87.05 ± 0.07 |" in out.read_text()
+    assert f"| {bench.PLAIN_KD} | 86.15 ± 0.07 | -0.90 ± 0.00 |" in out.read_text()
+    assert targets(lines)["HPM-KD beats the student alone in ≥ 80% of seeds"] == ("2/2", "met")
+    assert capsys.readouterr().out.splitlines()[-1] == "hpmkd_minus_best_baseline=0.90"
