@@ -31,7 +31,7 @@ def memory_records(cfg: ExperimentConfig, client: MlflowClient) -> list[MemoryRe
 def settings_for(cfg: ExperimentConfig) -> ProposerSettings:
     cm = cfg.config_manager
     return ProposerSettings(cm.proposals, cm.neighbours, cm.regressor_min_records, cm.regressor_min_tasks,
-                            budget_epochs(cfg), cfg.seed)
+                            budget_epochs(cfg), cm.trial_fraction, cfg.seed)
 
 
 def proposals_for(cfg: ExperimentConfig, task: TaskFeatures, space: SearchSpace,

@@ -7,9 +7,9 @@ Each finished ``distill`` stage and each Tune trial gets, on its own MLflow run:
   :class:`~hpmkd.proposals.MemoryRecord` as JSON (task meta-features, configuration, outcome), which
   :func:`recall` reads back;
 * for queries and the UI: metrics ``meta.<feature>`` (:data:`hpmkd.meta_features.NUMERIC_FEATURES`),
-  ``hp.<hyperparameter>``, ``memory.val_acc``, ``memory.retention``, ``memory.epochs``, and tags ``memory.source``,
-  ``memory.task_id``, ``meta.dataset``, ``meta.student_model``, ``meta.student_family``, ``meta.teacher_models``,
-  ``meta.methods``.
+  ``hp.<hyperparameter>``, ``memory.val_acc``, ``memory.retention``, ``memory.epochs``, ``memory.train_fraction``,
+  and tags ``memory.source``, ``memory.task_id``, ``meta.dataset``, ``meta.student_model``, ``meta.student_family``,
+  ``meta.teacher_models``, ``meta.methods``.
 
 Any process that reaches the store can query it, e.g.
 ``mlflow.search_runs(search_all_experiments=True, filter_string="tags.memory = 'kd' and
@@ -57,9 +57,11 @@ def task_features(cfg: ExperimentConfig, splits: DataSplits, teachers: list[Stag
 
 
 def make_record(task: TaskFeatures, config: dict[str, float], val_acc: float, epochs: int, source: str,
-                run_id: str) -> MemoryRecord:
-    """A record whose retention is ``val_acc`` over the best teacher's validation accuracy."""
-    return MemoryRecord(task, config, val_acc, val_acc / max(max(task.teacher_acc), 1e-12), epochs, source, run_id)
+                run_id: str, train_fraction: float = 1.0) -> MemoryRecord:
+    """A record whose retention is ``val_acc`` over the best teacher's validation accuracy; ``train_fraction``: the
+    share of the training split it trained on (a search trial's)."""
+    return MemoryRecord(task, config, val_acc, val_acc / max(max(task.teacher_acc), 1e-12), epochs, source, run_id,
+                        train_fraction)
 
 
 def remember(client: MlflowClient, record: MemoryRecord) -> None:
@@ -80,7 +82,7 @@ def remember(client: MlflowClient, record: MemoryRecord) -> None:
     metrics = {f"meta.{name}": float(v) for name, v in zip(NUMERIC_FEATURES, task.numeric())}
     metrics.update({f"hp.{k}": v for k, v in record.config.items()})
     metrics.update({"memory.val_acc": record.val_acc, "memory.retention": record.retention,
-                    "memory.epochs": float(record.epochs)})
+                    "memory.epochs": float(record.epochs), "memory.train_fraction": record.train_fraction})
     log_metrics(client, record.run_id, metrics, step=0)
 
 

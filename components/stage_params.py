@@ -14,7 +14,7 @@ kind               params                        what the stage does (:mod:`hpmk
 =================  ============================  ==============================================================
 
 Records (a stage's kind-specific output besides its model): :class:`hpmkd.chain.ChainLinkInfo` (a chain link's),
-:class:`TunedConfig` (a tune stage's).
+:class:`hpmkd.chain.ChainDecision` (a measured chain plan's), :class:`TunedConfig` (a tune stage's).
 """
 
 from __future__ import annotations
@@ -146,10 +146,23 @@ class ChainLink(Distill):
 
 @dataclass(frozen=True)
 class ChainPlanRecord(StageParams):
-    """A progressive chain's plan (:meth:`hpmkd.chain.ChainPlan.as_dict`), recorded as a stage."""
+    """A progressive chain's plan (:meth:`hpmkd.chain.ChainPlan.as_dict`), recorded as a stage. With
+    ``min_link_gain``, the stage also decides from the measured validation accuracies of the input stages
+    ``teacher`` and ``student`` how many assistants are trained (:func:`hpmkd.chain.decide_links`)."""
 
     kind = "chain_plan"
     plan: dict[str, Any]
+    teacher: str | None = None
+    student: str | None = None
+    min_link_gain: float | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.min_link_gain is not None
+
+    def settings(self) -> dict[str, Any]:
+        measured = {"teacher": self.teacher, "student": self.student, "min_link_gain": self.min_link_gain}
+        return {"plan": self.plan, **(measured if self.measured else {})}
 
 
 @dataclass(frozen=True)

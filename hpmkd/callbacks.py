@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 import torch
 from torch import Tensor, nn
 
-from hpmkd.registry import Registry
+from hpmkd.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
     from hpmkd.data import DataSplits
@@ -113,36 +113,42 @@ def build_callbacks(state: LoopState) -> list[Callback]:
     return [CALLBACKS.get(name)() for name in CALLBACKS.names() if CALLBACKS.get(name).applies(state)]
 
 
-def val_batches(splits: DataSplits, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless shuffled validation batches (for a validation-learned temperature's outer objective)."""
+def held_out_batches(splits: DataSplits, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless shuffled batches of the meta split (the outer objective of a schedule learned from held-out data)."""
+    if splits.meta is None or not len(splits.meta):
+        raise ConfigError("data.meta_fraction: the temperature schedule learns T from a held-out part of the training "
+                          "split (the meta split), but this split plan has none; set data.meta_fraction > 0 (e.g. "
+                          "0.05), or null to let the config choose.")
     epoch = 0
     while True:
-        for x, y, _ in splits.val.batches(batch_size, shuffle=True, seed=seed + 7, epoch=epoch):
+        for x, y, _ in splits.meta.batches(batch_size, shuffle=True, seed=seed + 7, epoch=epoch):
             yield x, y
         epoch += 1
 
 
 @CALLBACKS.register("meta_temperature")
 class MetaTemperatureStep(Callback):
-    """Every ``distill.meta_interval`` optimisation steps, one hypergradient step of a validation-learned temperature
-    (:meth:`hpmkd.distiller.Distiller.meta_step`) on the step's batch and the next validation batch, at the current
-    learning rate; with several workers the temperature is averaged so every worker keeps the same one."""
+    """Every ``distill.meta_interval`` optimisation steps, one hypergradient step of a temperature learned from
+    held-out data (:meth:`hpmkd.distiller.Distiller.meta_step`) on the step's batch and the next batch of the meta
+    split (a held-out part of the training split, :mod:`hpmkd.data.splits`; never the validation split, which
+    selects the epoch and scores search trials), at the current learning rate; with several workers the temperature
+    is averaged so every worker keeps the same one."""
 
     @classmethod
     def applies(cls, state: LoopState) -> bool:
         schedule = getattr(state.objective, "schedule", None)
-        return getattr(schedule, "learns_from_validation", False)
+        return getattr(schedule, "learns_from_held_out", False)
 
     def on_start(self, state: LoopState) -> None:
-        self.val = val_batches(state.splits, state.spec.train.batch_size, state.spec.seed)
+        self.held_out = held_out_batches(state.splits, state.spec.train.batch_size, state.spec.seed)
 
     def after_step(self, state: LoopState) -> None:
         if state.step % state.spec.distill.meta_interval:
             return
         batch, device = state.batch, state.env.device
-        x_val, y_val = next(self.val)
+        x_held, y_held = next(self.held_out)
         state.objective.meta_step((batch.x, batch.y, batch.index, batch.teachers),
-                                  (x_val.to(device), y_val.to(device)), state.lr, **batch.kwargs)
+                                  (x_held.to(device), y_held.to(device)), state.lr, **batch.kwargs)
         with torch.no_grad():
             for p in state.objective.schedule.parameters():
                 p.copy_(state.env.all_reduce_mean(p.detach().clone()))

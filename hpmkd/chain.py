@@ -24,6 +24,16 @@ same chain given by hand)::
 :func:`stops_after` is HPM-KD's ε rule: the chain stops adding links after link ``i`` when its relative validation
 gain ``(Acc_i − Acc_{i−1}) / Acc_{i−1}`` falls below ε (not applied at ``i = 1``). How the pipelines apply it at run
 time is described in ``docs/methods.md`` (progressive chain).
+
+:func:`decide_links` applies the same ε to the first link, before the chain trains anything, from measured
+accuracies (our construction; the draft applies the rule only from the second link on): whether an assistant pays
+for itself. The chain must bridge the measured relative gap ``G = (Acc_T − Acc_S) / Acc_S`` between the teacher it
+compresses and the student trained alone (both on validation). Its ``L`` steps follow sizes in geometric
+progression, so they share the gap geometrically, each carrying ``(1 + G)^{1/L} − 1``; a link that carries less than
+ε sits within ε of its neighbour and teaches the next model nothing its neighbour could not (TAKD's capacity gap,
+Mirzadeh et al., AAAI 2020: an assistant helps where the gap is too large for the student to follow). So the chain
+keeps ``L' = min(L, ⌊ln(1 + G) / ln(1 + ε)⌋)`` steps (at least 1): with ``G < (1 + ε)² − 1`` no assistant is trained
+and the student distils from the teachers directly.
 """
 
 from __future__ import annotations
@@ -340,6 +350,46 @@ def describe_chain(
     plan.why = (f"given by hand (chain.assistants): {len(assistants)} assistant(s), {plan.steps} steps, {overall}."
                 + (f" Above max_gap {max_gap}: {', '.join(wide)}." if wide else ""))
     return plan
+
+
+@dataclass(frozen=True)
+class ChainDecision:
+    """The measured first-link decision (:func:`decide_links`): of the ``planned`` assistants the chain keeps
+    ``kept``, from the teacher's and the student alone's validation accuracies and ``min_link_gain`` (ε)."""
+
+    planned: int
+    kept: int
+    teacher_acc: float
+    student_acc: float
+    min_link_gain: float
+    why: str
+
+    @property
+    def gap(self) -> float:
+        """The measured relative gap ``G = (Acc_T − Acc_S) / Acc_S``."""
+        return relative_gain(self.teacher_acc, self.student_acc)
+
+
+def decide_links(planned: int, teacher_acc: float, student_acc: float, min_link_gain: float) -> ChainDecision:
+    """How many of the ``planned`` assistants the measured gap pays for (module docstring)."""
+    gap = relative_gain(teacher_acc, student_acc)
+    steps = planned + 1
+    affordable = math.floor(math.log1p(gap) / math.log1p(min_link_gain) + 1e-9) if gap > 0 else 1
+    kept = max(1, min(steps, affordable)) - 1
+    per_step = (1 + gap) ** (1 / steps) - 1 if gap > 0 else 0.0
+    measured = (f"Measured on validation: teacher {teacher_acc:.4f}, student alone {student_acc:.4f}, relative gap "
+                f"G = {gap:.4f}; min_link_gain ε = {min_link_gain:g}.")
+    if kept == planned:
+        verdict = (f"The planned {steps} steps carry (1 + G)^(1/{steps}) - 1 = {per_step:.4f} >= ε each: "
+                   f"{'every' if planned > 1 else 'the'} assistant pays for itself and is trained.")
+    elif kept == 0:
+        verdict = (f"G < (1 + ε)^2 - 1 = {(1 + min_link_gain) ** 2 - 1:.4f}: an assistant would sit within ε of the "
+                   f"teacher or the student, so it does not pay for itself; no assistant is trained and the student "
+                   f"distils from the teachers directly.")
+    else:
+        verdict = (f"The planned {steps} steps would carry {per_step:.4f} < ε each; the gap pays for {kept + 1} "
+                   f"steps: assistants 1..{kept} are trained, the rest skipped.")
+    return ChainDecision(planned, kept, teacher_acc, student_acc, min_link_gain, f"{measured} {verdict}")
 
 
 def relative_gain(acc: float, previous_acc: float) -> float:

@@ -56,7 +56,14 @@ class DataConfig:
     """Which data set, where it is, and how it is split (train/val from the official train set, fixed by seed).
 
     ``options``: the data set's own keyword options (a table's ``target`` column, an image folder's ``resize``),
-    checked against its factory's signature (:data:`hpmkd.data.DATASETS`)."""
+    checked against its factory's signature (:data:`hpmkd.data.DATASETS`). ``meta_fraction``: the share of the
+    training split held out as the meta split, the outer objective of a temperature learned from held-out data
+    (``distill.temperature.schedule: meta``; :mod:`hpmkd.data.splits`); ``null`` lets the experiment choose
+    (:func:`resolve_meta_split`: :data:`DEFAULT_META_FRACTION` where a recipe learns from held-out data, else none).
+    ``split_seed``: the seed of the split plan (null: the experiment's ``seed``); fixed, every seed of an experiment
+    trains on the same splits and only initialisation and batch order vary, as they must where teachers are given
+    as checkpoints trained on those splits (a teacher must never have trained on another seed's validation split).
+    """
 
     name: str = "fashion_mnist"
     root: str | None = None
@@ -67,11 +74,19 @@ class DataConfig:
     download: bool = False
     augment: str = "none"
     options: dict[str, Any] = field(default_factory=dict)
+    meta_fraction: float | None = None
+    split_seed: int | None = None
 
     def check(self, path: str) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{join(path, 'val_fraction')}: must be between 0 and 1 (exclusive), got {self.val_fraction}.")
         positive(path, max_train=self.max_train, max_val=self.max_val, max_test=self.max_test)
+        if self.split_seed is not None and self.split_seed < 0:
+            raise ConfigError(f"{join(path, 'split_seed')}: a seed >= 0 (or null: the experiment's seed), "
+                              f"got {self.split_seed}.")
+        if self.meta_fraction is not None and not 0.0 <= self.meta_fraction < 1.0:
+            raise ConfigError(f"{join(path, 'meta_fraction')}: the share of the training split held out for a "
+                              f"temperature learned from held-out data, in [0, 1) (or null), got {self.meta_fraction}.")
         if self.root is not None:
             self.check_root(join(path, "root"))
 
@@ -89,15 +104,16 @@ class DataConfig:
         self.root = str(folder)
 
     def loader_kwargs(self, seed: int) -> dict[str, Any]:
-        """Keyword arguments for :func:`hpmkd.data.load_dataset`."""
+        """Keyword arguments for :func:`hpmkd.data.load_dataset` in an experiment of seed ``seed``."""
         return dict(
             root=self.root,
             options=self.options,
-            seed=seed,
+            seed=seed if self.split_seed is None else self.split_seed,
             val_fraction=self.val_fraction,
             max_train=self.max_train,
             max_val=self.max_val,
             max_test=self.max_test,
+            meta_fraction=self.meta_fraction or 0.0,
             download=self.download,
         )
 
@@ -138,12 +154,15 @@ class TrainConfig:
 
 @dataclass
 class TeacherConfig:
-    """A teacher: trained by a ``train_teacher`` stage, or loaded from ``checkpoint`` (a ``state.pt`` or state dict)."""
+    """A teacher: trained by a ``train_teacher`` stage, or loaded from ``checkpoint`` (a ``state.pt`` or state dict).
+    ``sha256``: the checkpoint file's expected digest, verified before anything runs (a shipped checkpoint that
+    its recipe reproduces bit for bit, ``conf/teachers.yaml``)."""
 
     name: str
     model: str
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    sha256: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -156,6 +175,20 @@ class TeacherConfig:
                 f"{join(path, 'checkpoint')}: file {self.checkpoint!r} does not exist. Give the path of a checkpoint "
                 f"written by a train_teacher stage (its MLflow artifact checkpoint/state.pt), or remove the key to train the teacher."
             )
+        if self.sha256 is not None:
+            self.check_digest(path)
+
+    def check_digest(self, path: str) -> None:
+        from hpmkd.checkpoint import file_digest
+
+        if self.checkpoint is None:
+            raise ConfigError(f"{join(path, 'sha256')}: the digest of a teacher checkpoint, but the teacher has no "
+                              f"checkpoint; give {join(path, 'checkpoint')} or remove sha256.")
+        found = file_digest(Path(self.checkpoint).expanduser())
+        if found != self.sha256.lower():
+            raise ConfigError(f"{join(path, 'checkpoint')}: {self.checkpoint!r} has sha256 {found}, not the expected "
+                              f"{self.sha256} ({join(path, 'sha256')}): the file is not the teacher this config was "
+                              f"written for. Restore it, or rebuild it with the config that made it.")
 
 
 @dataclass
@@ -509,12 +542,53 @@ def config_from_data(data: dict[str, Any], overrides: list[str] = ()) -> Experim
             raise ConfigError(f"{key}: unknown key.{did_you_mean(str(key), allowed)} Allowed keys here: "
                               f"{', '.join(allowed)}.")
     sections = {name: from_dict(SECTIONS.get(name), data.pop(name, None) or {}, name) for name in SECTIONS.names()}
-    cfg = from_dict(ExperimentConfig, {**data, "sections": sections})
+    cfg = resolve_meta_split(from_dict(ExperimentConfig, {**data, "sections": sections}))
     check_names(cfg)
     for section in sections.values():
         check_with = getattr(section, "check_with", None)
         if check_with is not None:
             check_with(cfg)
+    return cfg
+
+
+#: the meta split a recipe that learns from held-out data gets when ``data.meta_fraction`` is null (our choice: 5 % of
+#: the training split; the meta temperature fits one number, so a small part is enough)
+DEFAULT_META_FRACTION = 0.05
+
+
+def distill_recipes(cfg: ExperimentConfig) -> list[DistillConfig]:
+    """Every distillation recipe ``cfg`` may run: the ``distill`` section and those of sections with their own
+    (a section's ``recipes(base)``, e.g. SMSKD's stages)."""
+    found = [cfg.distill]
+    for section in cfg.sections.values():
+        recipes = getattr(section, "recipes", None)
+        if callable(recipes):
+            found += recipes(cfg.distill)
+    return found
+
+
+def learns_from_held_out(recipe: DistillConfig) -> bool:
+    """Whether the recipe's temperature schedule has an outer objective on held-out data (``meta``)."""
+    from hpmkd.temperature import SCHEDULES
+
+    name = recipe.temperature.get("schedule")
+    return name in SCHEDULES and SCHEDULES.get(name).learns_from_held_out
+
+
+def resolve_meta_split(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``data.meta_fraction`` made concrete: null becomes :data:`DEFAULT_META_FRACTION` when a recipe of the
+    experiment learns from held-out data and 0 (no meta split, the split plan and fingerprint of every config
+    without one unchanged) otherwise. Resolved from the config as written, before component switches, so an
+    ablation's variants (``components.meta_temperature=false``) keep the same split plan and share its stages. An
+    explicit 0 with such a recipe is an error: the validation split is never a training signal."""
+    needed = any(learns_from_held_out(r) for r in distill_recipes(cfg))
+    fraction = cfg.data.meta_fraction
+    if fraction is None:
+        return replace(cfg, data=replace(cfg.data, meta_fraction=DEFAULT_META_FRACTION if needed else 0.0))
+    if needed and fraction == 0:
+        raise ConfigError("data.meta_fraction: distill.temperature learns T from held-out data (schedule meta), and "
+                          "0 holds none out (the validation split only selects). Set it above 0 (e.g. "
+                          f"{DEFAULT_META_FRACTION}) or null.")
     return cfg
 
 

@@ -8,7 +8,8 @@ where ``k`` runs over the recipe's KD methods (each returns named terms ``ℓ_{k
 method whose weight is 0, e.g. switched off by the stage schedule :mod:`hpmkd.loss_schedule`, is not computed), and
 ``r_a`` are the aggregator's own terms (for instance the attention ensemble's entropy regulariser, already weighted by
 its coefficient, see :mod:`hpmkd.ensemble`). The temperature comes from the recipe's schedule
-(:mod:`hpmkd.temperature`); a meta-learned schedule is updated by :meth:`Distiller.meta_step` from a validation batch.
+(:mod:`hpmkd.temperature`); a meta-learned schedule is updated by :meth:`Distiller.meta_step` from a batch of the
+meta split.
 This mirrors mdistiller's ``Distiller.forward_train`` returning ``(logits, {"loss_ce": ..., "loss_kd": ...})``.
 """
 
@@ -205,30 +206,31 @@ class Distiller(nn.Module):
     def meta_step(
         self,
         train: tuple[Tensor, Tensor, Tensor, TeacherOutputs],
-        val: tuple[Tensor, Tensor],
+        held_out: tuple[Tensor, Tensor],
         inner_lr: float,
         **kwargs: Any,
     ) -> float | None:
-        """One hypergradient step of a validation-learned temperature (no-op for other schedules).
+        """One hypergradient step of a temperature learned from held-out data (no-op for other schedules).
 
-        Inner step: ``θ' = θ − η ∇_θ L_train(θ, T)``; outer objective: ``CE(f_θ'(x_val), y_val)``, differentiated
+        Inner step: ``θ' = θ − η ∇_θ L_train(θ, T)``; outer objective: ``CE(f_θ'(x_meta), y_meta)`` on a batch of the
+        meta split (never the validation split), differentiated
         with respect to ``T`` (see :class:`hpmkd.temperature.MetaTemperature`). BatchNorm buffers are restored so the
         look-ahead leaves the model exactly as it was.
         """
-        if not self.schedule.learns_from_validation:
+        if not self.schedule.learns_from_held_out:
             return None
         x, y, index, teachers = train
-        x_val, y_val = val
+        x_held, y_held = held_out
         buffers = {k: b.clone() for k, b in self.student.named_buffers()}
         params = dict(self.student.named_parameters())
 
         def train_loss(p: dict[str, Tensor], temperature: Tensor) -> Tensor:
             return self.objective(*self.make_batch(x, y, index, teachers, temperature, params=p, **kwargs))[0]
 
-        def val_loss(p: dict[str, Tensor]) -> Tensor:
-            return F.cross_entropy(functional_call(self.student, p, (x_val,)), y_val)
+        def held_out_loss(p: dict[str, Tensor]) -> Tensor:
+            return F.cross_entropy(functional_call(self.student, p, (x_held,)), y_held)
 
-        grad = self.schedule.hyper_step(train_loss, val_loss, params, inner_lr)
+        grad = self.schedule.hyper_step(train_loss, held_out_loss, params, inner_lr)
         with torch.no_grad():
             for name, buf in self.student.named_buffers():
                 buf.copy_(buffers[name])

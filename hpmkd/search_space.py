@@ -208,7 +208,8 @@ class ConfigManagerConfig:
     """The adaptive configuration manager (docs/config_manager.md): a ``tune`` stage before distillation.
 
     ``trials`` Tune trials (the first ``proposals`` of them seeded from the memory, or the published defaults) of
-    ``budget_epochs`` epochs each (null: the distillation stage's epochs), stopped early by ``scheduler``
+    ``budget_epochs`` epochs each (null: the distillation stage's epochs, its whole schedule) on a stratified
+    ``trial_fraction`` of the training split (1: all of it; docs/config_manager.md), stopped early by ``scheduler``
     (``asha``: grace ``grace_period`` epochs, reduction factor ``reduction_factor``; ``fifo``: none), sampled by
     ``searcher`` (``random`` or ``optuna``). ``memory: false`` ignores past runs (cold start);
     ``memory_experiments`` restricts which MLflow experiments are searched (null: all in the store). Nearest
@@ -220,6 +221,7 @@ class ConfigManagerConfig:
     enabled: bool = False
     trials: int = 8
     budget_epochs: int | None = None
+    trial_fraction: float = 1.0
     search_space: dict[str, SearchDimension] = field(default_factory=default_search_space)
     searcher: Literal["random", "optuna"] = "random"
     scheduler: Literal["asha", "fifo"] = "asha"
@@ -242,6 +244,9 @@ class ConfigManagerConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{join(path, key)}: must be > 0, got {value}.")
+        if not 0 < self.trial_fraction <= 1:
+            raise ConfigError(f"{join(path, 'trial_fraction')}: the share of the training split a trial trains on, "
+                              f"in (0, 1], got {self.trial_fraction}.")
         if not 0 <= self.proposals <= self.trials:
             raise ConfigError(f"{join(path, 'proposals')}: between 0 and trials ({self.trials}), got {self.proposals}.")
         if self.reduction_factor <= 1:

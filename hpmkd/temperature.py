@@ -4,8 +4,9 @@ A schedule is a small ``nn.Module`` built as ``SCHEDULES.build(name, options)``.
 :meth:`TemperatureSchedule.current` for this step's ``T`` (a 0-dim tensor), calls
 :meth:`TemperatureSchedule.observe` with a :class:`ScheduleState` after every optimisation step, and saves the
 schedule with the objective's ``state_dict`` (its running statistics are buffers, so a checkpoint restores them).
-The ``meta`` schedule also learns ``T`` from validation batches through :meth:`MetaTemperature.hyper_step`
-(``learns_from_validation = True``).
+The ``meta`` schedule also learns ``T`` from batches of held-out data (the meta split, a part of the training split
+held out for it; never the validation split, which selects epochs) through :meth:`MetaTemperature.hyper_step`
+(``learns_from_held_out = True``).
 
 The HPM-KD meta-temperature scheduler (Haase & Dourado da Silva, arXiv 2512.09886; equations from the authors'
 draft, ``guhaase/papers-deepbridge`` ``01_HPM-KD_Framework/POR/sections/04-methodology.tex``) writes every adaptive
@@ -43,7 +44,7 @@ class ScheduleState:
 class TemperatureSchedule(nn.Module, ABC):
     """Base class. Subclasses give :meth:`current` and, when ``T`` follows training, :meth:`observe`."""
 
-    learns_from_validation: ClassVar[bool] = False
+    learns_from_held_out: ClassVar[bool] = False
 
     @abstractmethod
     def current(self) -> Tensor:
@@ -267,23 +268,25 @@ ValLossFn = Callable[[dict[str, Tensor]], Tensor]
 
 @SCHEDULES.register("meta")
 class MetaTemperature(TemperatureSchedule):
-    """A temperature learned from validation data by a one-step look-ahead hypergradient (HPM-KD's "meta-temperature"
+    """A temperature learned from held-out data by a one-step look-ahead hypergradient (HPM-KD's "meta-temperature"
     idea, arXiv 2512.09886; the authors' library, ``DeepBridge-Validation/DeepBridge``
     ``deepbridge/distillation/techniques/hpm/``, fits an MLP regressor on training-state features instead, so this
     hypergradient form is our choice, in the style of DARTS / MAML one-step unrolling)::
 
         T = T_min + (T_max − T_min) · sigmoid(ρ)             (ρ an nn.Parameter; starts so that T = T)
         θ' = θ − η · ∇_θ L_train(θ, T)                       (one SGD step on the distillation loss, graph kept)
-        g_T = d L_val(θ') / d T                              (the student's validation loss after that step)
+        g_T = d L_meta(θ') / d T                             (the student's held-out loss after that step)
         ρ ← optimiser step on ρ with gradient g_T · dT/dρ    (Adam or SGD, ``meta_optimizer``, lr ``meta_lr``)
 
-    So it minimises the validation loss (in hpmkd the validation cross-entropy of the student) reached after one
-    SGD step of size ``η`` (the student's current learning rate) on the distillation loss at temperature ``T``.
+    So it minimises the held-out loss (in hpmkd the student's cross-entropy on the meta split, a part of the training
+    split held out for this, :mod:`hpmkd.data.splits`) reached after one SGD step of size ``η`` (the student's
+    current learning rate) on the distillation loss at temperature ``T``. The validation split, which selects the
+    epoch and scores search trials, is never this objective: ``T`` is not fitted on the data that judges it.
     ``T`` never leaves ``(T_min, T_max)``. :meth:`observe` does nothing: ``T`` changes only in :meth:`hyper_step`.
     The optimiser's state is part of ``state_dict`` (``_extra_state``), so a checkpoint restores it.
     """
 
-    learns_from_validation = True
+    learns_from_held_out = True
 
     def __init__(
         self,
@@ -336,7 +339,7 @@ class MetaTemperature(TemperatureSchedule):
         """One update of ``ρ``; returns the hypergradient ``g_T = d L_val(θ') / d T``.
 
         ``train_loss_fn(params, T)`` is the distillation loss with the student's parameters ``params`` at
-        temperature ``T``; ``val_loss_fn(params)`` the validation loss with ``params``. ``params`` (for instance
+        temperature ``T``; ``val_loss_fn(params)`` the held-out loss with ``params``. ``params`` (for instance
         ``dict(student.named_parameters())``) are not changed and get no ``.grad``; entries that do not require
         grad are held fixed in the look-ahead step.
         """
@@ -354,7 +357,7 @@ class MetaTemperature(TemperatureSchedule):
             (g_t,) = torch.autograd.grad(val_loss, temperature, allow_unused=True)
             if g_t is None:
                 raise ValueError(
-                    "the meta temperature cannot learn: the validation loss after the look-ahead step does not depend "
+                    "the meta temperature cannot learn: the held-out loss after the look-ahead step does not depend "
                     "on T (the distillation loss has no temperature-dependent term with a gradient on the student). "
                     "Add a KD method that uses T (e.g. kd) or choose another temperature schedule."
                 )

@@ -28,6 +28,8 @@ from hpmkd.callbacks import Batch, Callback, LoopState, build_callbacks
 from hpmkd.config import DataConfig, DistillConfig, TrainConfig
 from hpmkd.data import DataSplits, augment, load_dataset
 from hpmkd.data.holdout import HoldOut
+from hpmkd.data.source import BatchSource, RowSubset
+from hpmkd.data.splits import trial_rows
 from hpmkd.data.views import ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.distiller import CrossEntropyObjective, Distiller, StepOutput
@@ -56,15 +58,17 @@ class StageSpec:
     ``reference_state``: weights of a frozen copy of ``model`` whose logits every step hands to the objective as
     ``reference_logits`` (the ``reference`` loss of SMSKD).
     ``read_test``: evaluate the selected predictor on the test split at the end (off for search trials, which are
-    chosen on validation only). ``selection``: what the stage selects (:data:`hpmkd.selection.SELECTIONS`).
-    ``holdout``: rows of the training split the stage does not train on (:mod:`hpmkd.data.holdout`; teachers
-    whose outputs on those rows a Meta-MLP is later fitted on).
     chosen on validation only), with the registered test metrics and shifts as ``evaluation`` says
     (:func:`hpmkd.evaluation.final_test_metrics`). ``selection``: what the stage selects
-    (:data:`hpmkd.selection.SELECTIONS`). ``callback_options``: typed options of the stage's callbacks and selection,
-    by the name they are registered under (a callback that needs options applies when its entry is present).
+    (:data:`hpmkd.selection.SELECTIONS`). ``holdout``: rows of the training split the stage does not train on
+    (:mod:`hpmkd.data.holdout`; teachers whose outputs on those rows a Meta-MLP is later fitted on).
+    ``callback_options``: typed options of the stage's callbacks and selection, by the name they are registered under
+    (a callback that needs options applies when its entry is present).
     ``init_seed``: the seed of the model's initialisation and of the loop's global random draws, when they should
     differ from ``seed``, which also fixes the data split (the chains of a posterior, an ensemble's members).
+    ``train_fraction``: train on a stratified share of the training split, fixed by the seed
+    (:func:`hpmkd.data.splits.trial_rows`), with the same epochs and schedule: a search trial's reduced fidelity
+    (``config_manager.trial_fraction``); 1 trains on all of it.
     """
 
     name: str
@@ -84,6 +88,7 @@ class StageSpec:
     callback_options: dict[str, Any] = field(default_factory=dict)
     init_seed: int | None = None
     evaluation: EvaluationConfig | None = None
+    train_fraction: float = 1.0
 
 
 @dataclass
@@ -136,7 +141,8 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     objective = make_objective(spec, model, splits)
     objective.to(env.device)
     cfg = spec.train
-    steps_per_epoch = math.ceil(len(splits.train) / (cfg.batch_size * env.world_size))
+    train_rows = training_rows(splits, spec)
+    steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * env.world_size))
     generator = torch.Generator().manual_seed(spec.seed * 1000 + env.rank)
 
     # Lazily-shaped parts (adapters, CRD banks) are built from the first batch before the optimiser exists.
@@ -189,8 +195,8 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
             view = spec.view_bank.render(x, idx, number).to(env.device)
             return view, request_teachers(env, objective, view, idx, number)
 
-        batches = splits.train.batches(cfg.batch_size, shuffle=True, seed=spec.seed, epoch=epoch, rank=env.rank,
-                                       world_size=env.world_size)
+        batches = train_rows.batches(cfg.batch_size, shuffle=True, seed=spec.seed, epoch=epoch, rank=env.rank,
+                                     world_size=env.world_size)
         for x, y, idx, waiter in prefetching(batches, prepare):
             kwargs: dict[str, Any] = dict(epoch=epoch, total_epochs=cfg.epochs)
             if reference is not None:
@@ -253,6 +259,14 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
         "phases": phases.seconds,
         **({"reference_sha256": state_digest(reference.state_dict())} if reference is not None else {}),
     }
+
+
+def training_rows(splits: DataSplits, spec: StageSpec) -> BatchSource:
+    """The rows the stage trains on: the training split, or its ``spec.train_fraction`` (a search trial's)."""
+    if spec.train_fraction >= 1:
+        return splits.train
+    rows = trial_rows(splits.train.y.numpy(), spec.train_fraction, spec.seed)
+    return RowSubset(splits.train, torch.from_numpy(rows))
 
 
 def checkpoint_state(state: LoopState, callbacks: list[Callback], generator: torch.Generator,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from hpmkd.components.graph import Stage
 from hpmkd.config import ExperimentConfig
-from hpmkd.pipelines import chain, hpmkd, humpkd, kd, mtbkd, smskd, tabular  # noqa: F401  (register the pipelines;
-# tabular: the estimator teachers' section and stage)
+from hpmkd.pipelines import (chain, hpmkd, humpkd, kd, mtbkd, smskd, tabular,  # noqa: F401  (the pipelines;
+                             teachers)  # tabular: the estimator teachers' section and stage)
 from hpmkd.pipelines.config_manager import with_tune_stage
 from hpmkd.pipelines.registry import PIPELINES
 from hpmkd.pipelines.switches import effective_config

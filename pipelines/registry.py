@@ -15,6 +15,9 @@ from hpmkd.teachers import choose_source, provider_for
 
 PIPELINES: Registry[list[Stage]] = Registry("pipeline")
 
+#: the name of the baseline stage (the student trained alone)
+STUDENT_ALONE = "student_alone"
+
 
 def worker_cpus(cfg: ExperimentConfig) -> float:
     """CPUs of one training stage's Ray Train workers."""
@@ -47,7 +50,7 @@ def baseline_stages(cfg: ExperimentConfig) -> list[Stage]:
     """``student_alone`` (the student trained with cross-entropy only) when ``distill.baseline`` asks for it."""
     if not cfg.distill.baseline:
         return []
-    return [Stage("student_alone", TrainModel(cfg.student.ref, cfg.student_train()), cpus=worker_cpus(cfg))]
+    return [Stage(STUDENT_ALONE, TrainModel(cfg.student.ref, cfg.student_train()), cpus=worker_cpus(cfg))]
 
 
 def distill_cpus(cfg: ExperimentConfig, recipe: Recipe, teachers: int) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpmkd.chain import ChainLinkInfo, describe_chain, knobs, plan_chain, relative_gain, stops_after
+from hpmkd.chain import ChainLinkInfo, decide_links, describe_chain, knobs, plan_chain, relative_gain, stops_after
 from hpmkd.components.graph import StageParams
 from hpmkd.config import load_config
 from hpmkd.registry import ConfigError
@@ -136,9 +136,37 @@ def test_epsilon_rule():
     assert ChainLinkInfo(2, skipped=True).stops_chain(None)  # stays stopped
 
 
+def test_the_measured_first_link_rule_by_hand():
+    # G = 0.02 / 0.88 = 0.02273; ln(1.02273) / ln(1.01) = 2.26: two steps carry >= 1 % each, the assistant is kept
+    kept = decide_links(1, 0.90, 0.88, 0.01)
+    assert (kept.planned, kept.kept) == (1, 1) and kept.gap == pytest.approx(0.02 / 0.88)
+    assert "pays for itself and is trained" in kept.why and "0.9000" in kept.why and "0.8800" in kept.why
+    # G = 0.005 / 0.895 = 0.00559 < (1.01)^2 - 1 = 0.0201: no assistant
+    dropped = decide_links(1, 0.90, 0.895, 0.01)
+    assert dropped.kept == 0 and "does not pay for itself" in dropped.why and "0.0201" in dropped.why
+    # G = 0.07 / 0.85 = 0.0824; ln(1.0824) / ln(1.02) = 3.996: 3 of the 4 planned steps, so 2 of 3 assistants
+    partly = decide_links(3, 0.92, 0.85, 0.02)
+    assert partly.kept == 2 and "assistants 1..2 are trained" in partly.why
+    assert decide_links(2, 0.85, 0.86, 0.01).kept == 0  # the student alone beats the teacher: nothing to bridge
+
+
 # -------------------------------------------------------------------------------------------------------- graphs
 def config(name: str, *overrides: str):
     return load_config(ROOT / "conf" / name, list(overrides))
+
+
+def test_a_measured_chain_plan_waits_for_the_teacher_and_the_student_alone():
+    cfg = config("takd.yaml", "chain.max_gap=3.0", "chain.min_link_gain=0.01", "distill.baseline=true")
+    stages = {s.name: s for s in PIPELINES.get("takd")(cfg)}
+    plan = stages["chain_plan"]
+    assert plan.deps == ["teacher_cnn", "student_alone"] and plan.params.measured
+    assert plan.params.settings()["min_link_gain"] == 0.01 and plan.params.student == "student_alone"
+    assert all("chain_plan" in stages[f"assistant_{i}"].deps for i in (1, 2, 3))
+    assert "chain_plan" not in stages["distill"].deps
+    unmeasured = {s.name: s for s in PIPELINES.get("takd")(config("takd.yaml", "chain.max_gap=3.0"))}
+    assert unmeasured["chain_plan"].deps == [] and set(unmeasured["chain_plan"].params.settings()) == {"plan"}
+    with pytest.raises(ConfigError, match=r"chain\.min_link_gain: .* distill\.baseline is false"):
+        PIPELINES.get("takd")(config("takd.yaml", "chain.min_link_gain=0.01"))  # takd.yaml: no student alone
 
 
 def test_takd_graph_chains_each_assistant_to_the_one_before():

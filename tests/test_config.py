@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpmkd.config import ExperimentConfig, config_from_data, load_config
+from hpmkd.config import DEFAULT_META_FRACTION, ExperimentConfig, config_from_data, load_config
 from hpmkd.config_schema import flatten
 from hpmkd.registry import ConfigError
 
@@ -93,6 +94,37 @@ def test_method_without_weight_is_ambiguous():
 def test_missing_checkpoint_file(tmp_path):
     message = error_of(smoke_data(), [f"teachers.0.checkpoint={tmp_path / 'nope.pt'}"])
     assert message.startswith("teachers.0.checkpoint: file")
+
+
+def test_a_teacher_checkpoint_is_verified_by_its_digest(tmp_path):
+    weights = tmp_path / "t.pt"
+    weights.write_bytes(b"weights")
+    right = hashlib.sha256(b"weights").hexdigest()
+    cfg = config_from_data(smoke_data(), [f"teachers.0.checkpoint={weights}", f"teachers.0.sha256={right}"])
+    assert cfg.teachers[0].sha256 == right
+    message = error_of(smoke_data(), [f"teachers.0.checkpoint={weights}", f"teachers.0.sha256={'f' * 64}"])
+    assert message.startswith("teachers.0.checkpoint:") and right in message and "teachers.0.sha256" in message
+    assert error_of(smoke_data(), [f"teachers.0.sha256={right}"]).startswith("teachers.0.sha256: the digest")
+
+
+META_T = "distill.temperature={schedule: meta, T: 4.0}"
+
+
+def test_a_temperature_learned_from_held_out_data_gets_a_meta_split_and_nothing_else_does():
+    assert config_from_data(smoke_data()).data.meta_fraction == 0.0  # fixed T: no meta split, the split plan as before
+    assert config_from_data(smoke_data(), [META_T]).data.meta_fraction == DEFAULT_META_FRACTION
+    assert config_from_data(smoke_data(), [META_T, "data.meta_fraction=0.2"]).data.meta_fraction == 0.2
+    assert config_from_data(smoke_data(), [META_T]).data.loader_kwargs(0)["meta_fraction"] == DEFAULT_META_FRACTION
+    message = error_of(smoke_data(), [META_T, "data.meta_fraction=0"])
+    assert message.startswith("data.meta_fraction:") and "validation split only selects" in message
+    assert error_of(smoke_data(), ["data.meta_fraction=1.5"]).startswith("data.meta_fraction:")
+
+
+def test_the_split_seed_fixes_the_split_plan_across_seeds():
+    fixed = config_from_data(smoke_data(), ["data.split_seed=0", "seed=3"])
+    assert fixed.data.loader_kwargs(fixed.seed)["seed"] == 0
+    assert config_from_data(smoke_data(), ["seed=3"]).data.loader_kwargs(3)["seed"] == 3
+    assert error_of(smoke_data(), ["data.split_seed=-1"]).startswith("data.split_seed:")
 
 
 def test_missing_config_file(tmp_path):

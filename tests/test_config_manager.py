@@ -117,6 +117,23 @@ def test_nearest_tasks_come_first_and_their_mean_leads(tmp_path, teacher_checkpo
     assert abs(np.log(mean_lr / good_near["lr"])) < abs(np.log(mean_lr / good_far["lr"]))  # nearer task weighs more
 
 
+def test_neighbours_must_share_the_method_set(tmp_path, teacher_checkpoint):
+    """A FitNet stage of the very same task says nothing about a KD recipe: it is never a neighbour, for the searched
+    hyperparameters or for the proposed-only chain threshold."""
+    cfg = digits_config(tmp_path, teacher_checkpoint, "chain.epsilon=0.02")
+    space, task = build_space(cfg), synthetic_task(1_600)
+    fitnet = {"T": 2.0, "kd_share": 0.2, "lr": 0.3, "weight_decay": 1e-6, "chain_threshold": 0.04}
+    records = [MemoryRecord(replace(task, methods=("fitnet",)), fitnet, 0.9, 0.99, 2, "trial")]
+    assert [p.source for p in propose(task, records, space, ProposerSettings(count=2))] == ["defaults"]
+    assert [p.source for p in fixed_for(cfg, task, records)] == ["defaults"]
+    far = replace(synthetic_task(90_000, "fashion_mnist", "cnn"), input_shape=(1, 28, 28), n_train=50_000)
+    kd = {"T": 8.0, "kd_share": 0.95, "lr": 0.01, "weight_decay": 1e-3, "chain_threshold": 0.03}
+    records.append(MemoryRecord(far, kd, 0.8, 0.9, 2, "trial"))
+    proposals = propose(task, records, space, ProposerSettings(count=2))
+    assert [p.config for p in proposals] == [pytest.approx({k: v for k, v in kd.items() if k in space.names})]
+    assert [p.config for p in fixed_for(cfg, task, records)] == [{"chain_threshold": 0.03}]
+
+
 def test_a_large_history_switches_to_the_regressor(tmp_path, teacher_checkpoint):
     """60 records over 6 tasks whose retention peaks at lr = 0.2: the regressor proposes a learning rate near it;
     with 40 records (below regressor_min_records = 50) nearest neighbours answer instead."""

@@ -26,7 +26,8 @@ from hpmkd.data import (
 from hpmkd.data import fashion_mnist as fmnist_module
 from hpmkd.data.batching import epoch_order
 from hpmkd.data.idx import IdxFormatError, read_idx
-from hpmkd.data.splits import allocate, split_indices, stratified_take, stream_rng
+from hpmkd.data.source import RowSubset
+from hpmkd.data.splits import allocate, split_indices, stratified_take, stream_rng, trial_rows
 from hpmkd.registry import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,6 +291,50 @@ def test_split_indices_official_test_and_max_subsets_keep_every_class():
         split_indices(train_y, test_y, **common, max_train=7, max_val=None, max_test=None).val,
         full.val,
     )
+
+
+def test_the_meta_split_is_a_stratified_part_of_the_training_split_and_moves_nothing_else():
+    labels = np.repeat(np.arange(4), [40, 30, 20, 10])
+    kwargs = dict(seed=3, val_fraction=0.1, test_fraction=0.2, max_train=None, max_val=None, max_test=None)
+    plain, held = split_indices(labels, None, **kwargs), split_indices(labels, None, **kwargs, meta_fraction=0.25)
+    assert len(plain.meta) == 0
+    np.testing.assert_array_equal(held.val, plain.val)
+    np.testing.assert_array_equal(held.test, plain.test)
+    # round(0.25 · 72) = 18 of the 72 training rows (29, 22, 14, 7 per class): quotas 7.25, 5.5, 3.5, 1.75 floored
+    # to 7, 5, 3, 1, then the two left go to the largest remainders (class 3, then class 1 on the tie with class 2)
+    assert np.bincount(labels[plain.train], minlength=4).tolist() == [29, 22, 14, 7]
+    assert np.bincount(labels[held.meta], minlength=4).tolist() == [7, 6, 3, 2]
+    assert sorted([*held.train, *held.meta]) == sorted(plain.train) and not set(held.train) & set(held.meta)
+    again = split_indices(labels, None, **kwargs, meta_fraction=0.25)
+    np.testing.assert_array_equal(again.meta, held.meta)
+
+
+def test_the_meta_split_enters_the_fingerprint_only_when_there_is_one():
+    base = load_dataset("digits", seed=1)
+    held = load_dataset("digits", seed=1, meta_fraction=0.1)
+    assert base.meta is None and load_dataset("digits", seed=1, meta_fraction=0.0).fingerprint == base.fingerprint
+    assert held.fingerprint != base.fingerprint
+    assert len(held.train) + len(held.meta) == len(base.train) and len(held.meta) == round(0.1 * len(base.train))
+    assert torch.equal(held.val.y, base.val.y) and torch.equal(held.test.y, base.test.y)  # the same rows
+    assert sorted([*held.train.y.tolist(), *held.meta.y.tolist()]) == sorted(base.train.y.tolist())
+    with pytest.raises(ConfigError, match="data.meta_fraction"):
+        load_dataset("digits", meta_fraction=1.0)
+
+
+def test_trial_rows_are_a_seeded_stratified_share_and_a_row_subset_serves_the_parent_indices():
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    rows = trial_rows(labels, 0.2, seed=4)
+    assert np.bincount(labels[rows]).tolist() == [10, 6, 4] and (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(rows, trial_rows(labels, 0.2, seed=4))
+    assert not np.array_equal(rows, trial_rows(labels, 0.2, seed=5))
+    np.testing.assert_array_equal(trial_rows(labels, 1.0, seed=4), np.arange(100))
+    parent = Split(torch.arange(100, dtype=torch.float32)[:, None] * 10, torch.from_numpy(labels))
+    subset = RowSubset(parent, torch.from_numpy(rows))
+    seen = []
+    for x, y, index in subset.batches(7, shuffle=True, seed=0, epoch=1):
+        assert torch.equal(x[:, 0], index.float() * 10) and torch.equal(y, parent.y[index])  # the parent's rows
+        seen += index.tolist()
+    assert len(subset) == 20 and sorted(seen) == rows.tolist()
 
 
 def test_stream_rngs_are_distinct():

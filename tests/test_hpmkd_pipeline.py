@@ -98,8 +98,9 @@ def test_config_manager_switch_removes_the_tune_stage():
     on, off = graph(), graph("components.config_manager=false")
     assert on["tune"] == ["teacher_cnn", "teacher_mlp"] and "tune" in on["assistant_1"] and "tune" in on["distill"]
     assert "tune" not in off
-    assert off["assistant_1"] == ["teacher_cnn", "teacher_mlp"]
+    assert off["assistant_1"] == ["teacher_cnn", "teacher_mlp", "chain_plan"]  # the measured plan decides on it
     assert off["distill"] == ["teacher_cnn", "teacher_mlp", "assistant_1"]
+    assert off["chain_plan"] == ["teacher_cnn", "student_alone"]
 
 
 def test_chain_switch_removes_the_assistants_and_the_student_distils_from_the_teachers():
@@ -229,15 +230,22 @@ def run_and_read(cfg, uri: str):
 def e2e(ray_session, teacher_files, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # a planned one-assistant chain from teacher a (max_gap 8 over 21.6x) and a 2-trial, 1-epoch search
-    cfg = digits_run(tmp_path, teacher_files, "experiment=hpmkd-e2e", "chain.max_gap=8",
-                     "config_manager.trials=2", "config_manager.budget_epochs=1", "config_manager.scheduler=fifo")
+    # a planned one-assistant chain from teacher a (max_gap 8 over 21.6x), kept by the measured rule at a tiny
+    # min_link_gain, and a 2-trial search on half the training split
+    cfg = digits_run(tmp_path, teacher_files, "experiment=hpmkd-e2e", "chain.max_gap=8", "distill.baseline=true",
+                     "chain.min_link_gain=0.001", "config_manager.trials=2", "config_manager.trial_fraction=0.5",
+                     "config_manager.scheduler=fifo")
     return run_and_read(cfg, uri)
 
 
 def test_hpmkd_chain_links_distil_from_the_teachers_and_the_previous_link(e2e):
     summary, parent, runs = e2e
-    assert set(runs) == {"teacher_a", "teacher_b", "chain_plan", "tune", "assistant_1", "distill"}
+    assert set(runs) == {"teacher_a", "teacher_b", "student_alone", "chain_plan", "tune", "assistant_1", "distill"}
+    plan = runs["chain_plan"].data
+    teacher, alone = (runs[name].data.metrics["selected_val_acc"] for name in ("teacher_a", "student_alone"))
+    gap = (teacher - alone) / alone
+    assert plan.metrics["capacity_gap"] == pytest.approx(gap) and plan.metrics["assistants_kept"] == 1
+    assert "pays for itself and is trained" in plan.tags["chain_decision"]
     assert all(run.info.status == "FINISHED" for run in runs.values()) and parent.info.status == "FINISHED"
     assistant, student = runs["assistant_1"].data, runs["distill"].data
     assert [assistant.params[f"teachers.{i}"] for i in range(2)] == ["teacher_a", "teacher_b"]
@@ -256,6 +264,24 @@ def test_hpmkd_chain_links_distil_from_the_teachers_and_the_previous_link(e2e):
     assert summary["student"]["stage"] == "distill" and summary["student"]["params"] == 1210
     assert summary["student"]["test_acc"] > 0.5  # 10 classes: chance is 0.1
     assert parent.data.params["components.attention"] == "True"
+
+
+def test_a_measured_chain_plan_drops_an_assistant_that_does_not_pay_for_itself(ray_session, teacher_files, tmp_path):
+    """With min_link_gain 0.5 the gap between teacher a and the student alone pays for no assistant: assistant_1
+    trains nothing, and the student distils from the two teachers only (not from a copy of one of them)."""
+    cfg = digits_run(tmp_path, teacher_files, "experiment=measured", "chain.max_gap=8", "distill.baseline=true",
+                     "chain.min_link_gain=0.5", "components.config_manager=false")
+    summary, parent, runs = run_and_read(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert parent.info.status == "FINISHED"
+    plan, skipped, student = runs["chain_plan"].data, runs["assistant_1"], runs["distill"].data
+    assert plan.metrics["assistants_planned"] == 1 and plan.metrics["assistants_kept"] == 0
+    assert "does not pay for itself" in plan.tags["chain_decision"]
+    assert skipped.data.tags["chain_status"] == "skipped" and "keeps 0 of 1" in skipped.data.tags["skipped_because"]
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(skipped.info.run_id,
+                                                                                  "train_loss") == []
+    assert student.tags["teachers_left_out"] == "assistant_1"
+    assert {k for k in student.metrics if k.startswith("teacher_weight.")} == {"teacher_weight.a", "teacher_weight.b"}
+    assert summary["student"]["stage"] == "distill" and summary["student"]["test_acc"] > 0.5
 
 
 def stage_reuse(runs) -> dict[str, bool]:

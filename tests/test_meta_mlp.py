@@ -80,7 +80,7 @@ def test_a_teacher_never_trains_on_the_rows_the_meta_mlp_is_fitted_on(monkeypatc
                      TrainConfig(epochs=2, batch_size=64), holdout=holdout)
     train_stage(spec, StageEnv())
     splits = load_dataset("digits", **data.loader_kwargs(0))
-    fit_rows = set(holdout.held(splits.train).index.tolist())  # what the meta_mlp stage fits the head on
+    fit_rows = set(holdout.held(splits.train).positions.tolist())  # what the meta_mlp stage fits the head on
     assert len(fit_rows) == round(0.2 * len(splits.train))
     assert RowsSeen.rows and not RowsSeen.rows & fit_rows
     assert RowsSeen.rows | fit_rows == set(range(len(splits.train)))

@@ -199,7 +199,7 @@ def test_meta_moves_T_the_way_that_lowers_the_validation_loss(teacher_right, dir
     assert better_high == (direction > 0)
 
     schedule = SCHEDULES.build("meta", {"meta_lr": 0.2})
-    assert schedule.learns_from_validation and schedule.value() == pytest.approx(4.0, abs=1e-6)
+    assert schedule.learns_from_held_out and schedule.value() == pytest.approx(4.0, abs=1e-6)
     before = {k: p.detach().clone() for k, p in student.named_parameters()}
     values = [schedule.value()]
     for _ in range(5):

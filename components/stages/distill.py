@@ -12,9 +12,13 @@ outputs (tag ``teacher_outputs``) and the cache entries used (params ``cache.<te
 ``cache_entries``). Each finished distillation is written to the optimisation memory (:mod:`hpmkd.components.memory`).
 
 A chain link records its relative validation gain (metric ``chain_gain``, :func:`hpmkd.chain.relative_gain`) over
-the link it follows (:func:`previous_link`; for the first link, the best teacher). When its predecessor stopped the
-chain (:meth:`hpmkd.chain.ChainLinkInfo.stops_chain`, HPM-KD's ε rule) it trains nothing: tagged ``chain_status: skipped``, it
-hands its predecessor's model on (the weights are copied into its run).
+the link it follows (:func:`previous_link`; for the first link, the best teacher). When the measured chain plan
+keeps fewer assistants than its index (:class:`hpmkd.chain.ChainDecision`, ``chain.min_link_gain``), or its
+predecessor stopped the chain (:meth:`hpmkd.chain.ChainLinkInfo.stops_chain`, HPM-KD's ε rule), it trains nothing:
+tagged ``chain_status: skipped``, it hands its predecessor's model on (the weights are copied into its run). A
+distillation whose teachers include skipped links and other models leaves the skipped links out
+(:func:`serving_teachers`: an ``hpmkd`` link or student keeps the pipeline's teachers, so a skipped assistant is not
+counted twice in its ensemble); one whose only teacher is a skipped link (``takd``) learns from the model it passed on.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from hpmkd import checkpoint
-from hpmkd.chain import ChainLinkInfo, relative_gain
+from hpmkd.chain import ChainDecision, ChainLinkInfo, relative_gain
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
 from hpmkd.components.memory import remember_stage
 from hpmkd.components.stage_params import ChainLink, Distill
@@ -77,9 +81,27 @@ def distill_setup(stage: Stage, ctx: ExperimentContext, params: Distill, inputs:
         plan.release()
 
 
+def skipped(result: StageResult) -> bool:
+    return isinstance(result.record, ChainLinkInfo) and result.record.skipped
+
+
+def serving_teachers(teachers: tuple[str, ...], inputs: dict[str, StageResult]) -> tuple[str, ...]:
+    """The input stages a distillation learns from: ``teachers`` without the skipped chain links, unless those are
+    all it has (module docstring)."""
+    trained = tuple(t for t in teachers if not skipped(inputs[t]))
+    return trained or teachers
+
+
 def distil(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult], run: StageRun) -> StageOutcome:
     """Train the distillation ``stage.params`` describes and write it to the optimisation memory."""
     params: Distill = stage.params
+    serving = serving_teachers(params.teachers, inputs)
+    if serving != params.teachers:
+        left_out = [t for t in params.teachers if t not in serving]
+        log.info("stage %s: leaving out the skipped chain link(s) %s", stage.name, ", ".join(left_out))
+        ctx.tracker.set_tags(run.run_id, {"teachers_left_out": ",".join(left_out)})
+        params = replace(params, teachers=serving)
+        stage = replace(stage, params=params)
     with distill_setup(stage, ctx, params, inputs, run) as (spec, plan):
         outcome = train_and_record(stage, ctx, run, spec, stage.name, plan.pools, plan.cache)
     remember_stage(ctx.tracker.client, run.run_id, stage_view(ctx, params, inputs), ctx.splits,
@@ -110,8 +132,13 @@ class ChainLinkKind(StageKind):
         params: ChainLink = stage.params
         previous = previous_link([inputs[t] for t in params.teachers])
         last = previous[-1].record  # a link's record; a teacher (the first link follows teachers) never stops it
+        decision = next((r.record for r in inputs.values() if isinstance(r.record, ChainDecision)), None)
+        if decision is not None and params.index > decision.kept:  # a first link passes its best teacher on
+            best = max(previous, key=lambda r: r.metrics["val_acc"])
+            return pass_through(stage, ctx, run, best, "the measured chain plan keeps "
+                                f"{decision.kept} of {decision.planned} assistant(s)")
         if isinstance(last, ChainLinkInfo) and last.stops_chain(params.epsilon):
-            return pass_through(stage, ctx, run, previous[-1])
+            return pass_through(stage, ctx, run, previous[-1], "the chain stopped (epsilon rule)")
         outcome = distil(stage, ctx, inputs, run)
         gain = relative_gain(outcome.metrics["val_acc"], max(t.metrics["val_acc"] for t in previous))
         outcome.metrics.update(chain_gain=gain, chain_skipped=0.0)
@@ -119,11 +146,11 @@ class ChainLinkKind(StageKind):
         return replace(outcome, record=ChainLinkInfo(params.index, gain))
 
 
-def pass_through(stage: Stage, ctx: ExperimentContext, run: StageRun, previous: StageResult) -> StageOutcome:
-    """A chain link after the chain stopped: no training; its model, and its metrics, are its predecessor's."""
+def pass_through(stage: Stage, ctx: ExperimentContext, run: StageRun, previous: StageResult, why: str) -> StageOutcome:
+    """A chain link the chain does not train (``why``): its model, and its metrics, are its predecessor's."""
     model: ModelArtifact = previous.model()
-    log.info("stage %s: the chain stopped (epsilon rule), passing %s on", stage.name, model.name)
+    log.info("stage %s: %s; passing %s on", stage.name, why, model.name)
     ctx.tracker.log_artifact(run.run_id, model.path, "checkpoint")
-    ctx.tracker.set_tags(run.run_id, {"chain_status": "skipped", "forwarded_from": model.name})
+    ctx.tracker.set_tags(run.run_id, {"chain_status": "skipped", "forwarded_from": model.name, "skipped_because": why})
     metrics: dict[str, Any] = {k: v for k, v in previous.metrics.items() if k != "chain_gain"}  # not this link's gain
     return StageOutcome({**metrics, "chain_skipped": 1.0}, model, ChainLinkInfo(stage.params.index, skipped=True))

@@ -1,10 +1,10 @@
 """Stage kind ``meta_mlp``: HumP-KD's Meta-MLP ensemble teacher (:class:`hpmkd.pipelines.humpkd.FitMetaMLP`).
 
 1. The base teachers (the models of the stage's ``members`` inputs) are hosted by teacher actors, which compute
-   their logits once into the logit cache (float32) on three sources: the held-out rows of the training split
-   (:class:`hpmkd.data.holdout.HoldOut`, which the pipeline's teachers never trained on), the validation split and
+   their logits once into the logit cache (float32) on three sources: the training split, the validation split and
    the test split; the actors are then released.
-2. The head is fitted on the held-out outputs and the epoch with the best validation accuracy is kept
+2. The head is fitted on the outputs of the training split's held-out rows (:class:`hpmkd.data.holdout.HoldOut`,
+   which the pipeline's teachers never trained on) and the epoch with the best validation accuracy is kept
    (:func:`hpmkd.meta_fit.fit_head`); the stacked model (members' weights and the head's,
    :class:`hpmkd.models.meta_mlp.MetaMLP`) is written as one ``model.pt`` and handed on as a
    :class:`~hpmkd.components.graph.ModelArtifact`: a teacher like any other for later stages.
@@ -73,9 +73,9 @@ class MetaMLPKind(StageKind):
                 raise ValueError(f"stage {stage.name}: member {artifact.name!r} is a {predictor_kind(payload)} "
                                  f"predictor; the Meta-MLP stacks single models.")
         held = params.holdout.held(ctx.splits.train)
-        sources = {f"train-holdout:{params.holdout.fraction}:{params.holdout.seed}": held, "val": ctx.splits.val,
-                   "test": ctx.splits.test}
-        logits = dict(zip(("holdout", "val", "test"), member_logits(ctx, params, members, sources).values()))
+        sources = {"train": ctx.splits.train, "val": ctx.splits.val, "test": ctx.splits.test}
+        logits = member_logits(ctx, params, members, sources)
+        logits["holdout"] = logits.pop("train")[:, held.positions]  # the rows the members did not train on
         model: MetaMLP = params.model.build(ctx.splits.shape)
         for member, payload in zip(model.members, payloads):
             load_state_checked(member, payload)

@@ -5,10 +5,12 @@ proposals, and hands the best configuration (on validation) to the stages that d
   (:mod:`hpmkd.components.config_manager`: memory or published defaults) are logged (``proposals.json``, tag
   ``proposal_source``). The proposals are Tune's ``points_to_evaluate``: they are the first trials, the searcher
   (``random``, or ``optuna``'s TPE) samples the rest of ``config_manager.trials`` from ``search_space``.
-* **Trials** run ``budget_epochs`` epochs each, stopped early by ASHA (``scheduler: asha``) on ``best_val_acc``.
-  A trial is a Tune *function trainable* that runs :func:`hpmkd.training.train_stage` in its own process with a
-  plain-PyTorch :class:`~hpmkd.training.StageEnv` (one device, no DDP), its teachers served exactly as a ``distill``
-  stage's are (logit cache or actors). Not Ray Train: a ``TorchTrainer`` per trial costs 10-20 s of fixed start-up
+* **Trials** train at the search's fidelity (:func:`hpmkd.search_trials.trial_spec`): ``budget_epochs`` epochs (null: the
+  distillation stage's whole schedule) on a stratified ``trial_fraction`` of the training split, scored by their best
+  validation accuracy (``best_val_acc``), optionally stopped early by ASHA (``scheduler: asha``). A trial is a Tune
+  *function trainable* that runs :func:`hpmkd.training.train_stage` in its own process with a plain-PyTorch
+  :class:`~hpmkd.training.StageEnv` (one device, no DDP), its teachers served exactly as a ``distill`` stage's are
+  (logit cache or actors). Not Ray Train: a ``TorchTrainer`` per trial costs 10-20 s of fixed start-up
   (measured with Ray 2.60) for a few seconds of work, and a trial killed by ASHA leaves its Train placement group to
   a cleaner; a function trainable starts in about a second and reports Tune checkpoints that ASHA and
   ``Tuner.restore`` use directly (and Tune reuses a finished trial's process for the next one). Trials run side
@@ -31,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ from hpmkd.meta_features import TaskFeatures
 from hpmkd.registry import Registry
 from hpmkd.search_space import HYPERPARAMETERS, SearchSpace, build_space
 from hpmkd.training import NonFiniteLossError, StageEnv, StageSpec, train_stage
+from hpmkd.search_trials import trial_spec
 
 log = logging.getLogger("hpmkd")
 
@@ -124,10 +127,9 @@ class TrialSetup:
     progress_hub: Any = None  # each trial's epochs are shown live, as row ``<stage>/<trial id>``
 
     def trial_spec(self, config: dict[str, float]) -> StageSpec:
-        """The distillation spec with ``config`` applied (recipe and train settings) at the trial budget."""
-        recipe = self.recipe.with_overrides(self.space.overrides(config))
-        return replace(self.spec, distill=recipe.distill, train=replace(recipe.train, epochs=self.budget),
-                       read_test=False)
+        """The distillation spec with ``config`` applied at the trial's fidelity (:func:`trial_spec`)."""
+        return trial_spec(self.spec, self.recipe, self.space.overrides(config), self.budget,
+                          self.cfg.config_manager.trial_fraction)
 
 
 def trial_runs(client: MlflowClient, experiment_id: str, tune_key: str) -> dict[str, Any]:
@@ -273,7 +275,8 @@ def close_trials(client: MlflowClient, setup: TrialSetup, grid: Any, task: TaskF
                                int(result.metrics["epochs_run"]), False)
         outcome.early_stopped = outcome.epochs < setup.budget and not result.metrics.get("diverged")
         client.set_tag(run_id, "early_stopped", str(outcome.early_stopped).lower())
-        remember(client, make_record(task, outcome.config, outcome.best_val_acc, outcome.epochs, "trial", run_id))
+        remember(client, make_record(task, outcome.config, outcome.best_val_acc, outcome.epochs, "trial", run_id,
+                                     setup.cfg.config_manager.trial_fraction))
         client.set_terminated(run_id, "FINISHED")
         closed[trial_id] = outcome
     if errors:

@@ -61,7 +61,8 @@ class DataSplits:
     parameters (see :mod:`hpmkd.data.fingerprint`); ``source`` says where the raw data was read from.
     ``preprocessing``: the statistics a table's preprocessing fitted on the training split
     (:meth:`Preprocessing.record`), what turns raw rows into model inputs; ``None`` for data sets whose inputs need
-    no record beyond their constants (images).
+    no record beyond their constants (images). ``meta``: the held-out part of the training split that a schedule
+    learned from held-out data steps on (``None`` without one; :mod:`hpmkd.data.splits`).
     """
 
     name: str
@@ -74,6 +75,7 @@ class DataSplits:
     fingerprint: str
     source: str
     preprocessing: dict[str, Any] | None = None
+    meta: Split | None = None
 
     @property
     def shape(self) -> DataShape:

@@ -33,6 +33,7 @@ def load_dataset(
     max_train: int | None = None,
     max_val: int | None = None,
     max_test: int | None = None,
+    meta_fraction: float = 0.0,
     download: bool = False,
 ) -> DataSplits:
     """Load data set ``name`` (see :data:`DATASETS`) split into train/val/test, fixed by ``seed``.
@@ -40,9 +41,12 @@ def load_dataset(
     The validation split is a stratified ``val_fraction`` of the official training set; ``max_*`` keep stratified
     subsets of each split (every class present when the limit is at least the number of classes). Data sets without
     an official test split hold out a stratified test split first (20 %). ``options`` are the data set's own
-    (``data.options``); they enter the fingerprint.
+    (``data.options``); they enter the fingerprint. ``meta_fraction > 0`` holds a stratified part of the training
+    split out as the meta split (``DataSplits.meta``, :mod:`hpmkd.data.splits`); it enters the fingerprint only then,
+    so every split plan without one keeps its fingerprint.
     """
     check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
+    check_meta_fraction(meta_fraction)
     raw = read_raw(name, root, download, options)
     if not isinstance(raw, RawData):  # a data set that splits itself: files streamed from disk (image_folder)
         return raw.load_splits(name, seed=seed, val_fraction=val_fraction, max_train=max_train, max_val=max_val,
@@ -57,12 +61,14 @@ def load_dataset(
         max_train=max_train,
         max_val=max_val,
         max_test=max_test,
+        meta_fraction=meta_fraction,
     )
     test_x, test_y = (raw.train_x, raw.train_y) if raw.test_x is None else (raw.test_x, raw.test_y)
     prep = fit_preprocessing(raw, raw.train_x[idx.train])
     train = make_split(prep.transform(raw.train_x[idx.train]), raw.train_y[idx.train])
     val = make_split(prep.transform(raw.train_x[idx.val]), raw.train_y[idx.val])
     test = make_split(prep.transform(test_x[idx.test]), test_y[idx.test])
+    meta = make_split(prep.transform(raw.train_x[idx.meta]), raw.train_y[idx.meta]) if len(idx.meta) else None
     if raw.class_probs is not None:
         test.true_probs = torch.from_numpy(np.asarray(raw.class_probs(test_x[idx.test]), dtype=np.float32))
     params = {
@@ -74,12 +80,14 @@ def load_dataset(
         "max_test": max_test,
         **prep.params(),
         **({"options": options} if options else {}),  # absent when empty: the fingerprint of every earlier run stays
+        **({"meta_fraction": meta_fraction} if meta is not None else {}),  # likewise
     }
     return DataSplits(
         name=name,
         train=train,
         val=val,
         test=test,
+        meta=meta,
         num_classes=len(raw.class_names),
         input_shape=tuple(int(d) for d in train.x.shape[1:]),
         class_names=list(raw.class_names),
@@ -178,6 +186,12 @@ def fit_preprocessing(raw: RawData, train_rows: np.ndarray) -> Preprocessing:
     return ChannelNormalisation(raw, train_rows)
 
 
+def check_meta_fraction(meta_fraction: float) -> None:
+    if not 0.0 <= meta_fraction < 1.0:
+        raise ConfigError(f"data.meta_fraction: the share of the training split held out for a schedule learned from "
+                          f"held-out data must be in [0, 1), got {meta_fraction}.")
+
+
 def statistics(raw: RawData, train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``(μ, σ)``: the data set's constants, or the training split's (see module docstring)."""
     if raw.mean is not None and raw.std is not None:
@@ -193,7 +207,9 @@ def make_split(x: np.ndarray, y: np.ndarray) -> Split:
 
 
 def source_and_indices(raw: RawData, idx: SplitIndices) -> dict[str, np.ndarray | None]:
+    meta = {"idx_meta": idx.meta} if len(idx.meta) else {}  # absent without a meta split (earlier fingerprints stay)
     return {
+        **meta,
         "raw_train_x": raw.train_x,
         "raw_train_y": raw.train_y,
         "raw_test_x": raw.test_x,

@@ -15,6 +15,8 @@ from typing import Iterator, Protocol
 
 from torch import Tensor
 
+from hpmkd.data.batching import epoch_order
+
 
 class BatchSource(Protocol):
     y: Tensor
@@ -32,27 +34,28 @@ class BatchSource(Protocol):
 
 
 class RowSubset:
-    """The rows ``index`` (positions in ``source``, int64) of another source, as a source of their own: position
-    ``i`` here is row ``index[i]`` there. Batches follow :func:`hpmkd.data.batching.epoch_order` over the subset."""
+    """The rows ``positions`` of another source, as a source: its batches (in :func:`epoch_order` over the subset)
+    carry the parent's row indices, which stored teacher outputs are keyed by, and ``rows`` takes them. A search
+    trial's reduced training set (:attr:`hpmkd.training.StageSpec.train_fraction`)."""
 
-    def __init__(self, source: BatchSource, index: Tensor):
-        self.source = source
-        self.index = index.long()
+    def __init__(self, parent: BatchSource, positions: Tensor):
+        self.parent = parent
+        self.positions = positions
 
     def __len__(self) -> int:
-        return int(self.index.shape[0])
+        return len(self.positions)
 
     @property
     def y(self) -> Tensor:
         """The labels of the subset's rows (the parent source's labels, which every source holds in memory)."""
-        return self.source.y[self.index]
-
-    def rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self.source.rows(self.index[index])
+        return self.parent.y[self.positions]
 
     def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        from hpmkd.data.batching import iterate_batches
+        order = epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+        for start in range(0, len(order), batch_size):
+            index = self.positions[order[start : start + batch_size]]
+            yield *self.parent.rows(index), index
 
-        return iterate_batches(self, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                               world_size=world_size)
+    def rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.parent.rows(index)

@@ -1,17 +1,23 @@
-"""Seeded, stratified index selection: train/val/test splits and the ``max_*`` subsets.
+"""Seeded, stratified index selection: the split plan (train/val/test, the ``max_*`` subsets and the meta split).
 
 Every selection draws from its own NumPy stream ``SeedSequence([seed, stream])`` so, for instance, changing
 ``max_train`` does not move the validation split.
+
+The *meta* split is a held-out part of the training split for the outer objective of a schedule learned from held-out
+data (HPM-KD's meta temperature, :class:`hpmkd.temperature.MetaTemperature`): it is carved from the final training
+split (after ``max_train``), so the validation split, which selects epochs and scores search trials, is never a
+training signal. It is empty unless asked for (``meta_fraction > 0``), and then the training split is smaller by it.
+A search trial's reduced training set (:func:`trial_rows`) is a further stratified part of the training split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 #: Random stream of each selection (our choice; only their distinctness matters).
-STREAMS = {"test": 0, "val": 1, "max_train": 2, "max_val": 3, "max_test": 4, "holdout": 5}
+STREAMS = {"test": 0, "val": 1, "max_train": 2, "max_val": 3, "max_test": 4, "meta": 5, "trial": 6, "holdout": 7}
 
 
 def stream_rng(seed: int, stream: str) -> np.random.Generator:
@@ -73,12 +79,14 @@ def subset(indices: np.ndarray, labels: np.ndarray, limit: int | None, rng: np.r
 
 @dataclass(frozen=True)
 class SplitIndices:
-    """Row indices of each split: ``train``/``val`` into the source training array, ``test`` into the test array
-    (the source training array itself when the test split is held out of it)."""
+    """Row indices of each split: ``train``/``val``/``meta`` into the source training array, ``test`` into the test
+    array (the source training array itself when the test split is held out of it). ``meta`` is empty without a
+    meta split."""
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    meta: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def split_indices(
@@ -91,12 +99,15 @@ def split_indices(
     max_train: int | None,
     max_val: int | None,
     max_test: int | None,
+    meta_fraction: float = 0.0,
 ) -> SplitIndices:
     """The seeded, stratified splits.
 
     Without an official test split (``test_y is None``), ``round(test_fraction · N)`` samples are held out first.
     The validation split takes ``round(val_fraction · N_pool)`` of the remaining pool (at least 1, leaving at least
-    one training sample); the ``max_*`` limits then take stratified subsets of each split.
+    one training sample); the ``max_*`` limits then take stratified subsets of each split. With ``meta_fraction > 0``
+    the meta split takes ``round(meta_fraction · N_train)`` of the final training split (at least 1, leaving at
+    least one training sample), stratified, from its own stream.
     """
     pool = np.arange(len(train_y), dtype=np.int64)
     if test_y is None:
@@ -108,8 +119,25 @@ def split_indices(
         test_labels = test_y
     n_val = min(max(round(val_fraction * len(pool)), 1), len(pool) - 1)
     val, train = stratified_take(pool, train_y[pool], n_val, stream_rng(seed, "val"))
+    train = subset(train, train_y[train], max_train, stream_rng(seed, "max_train"))
+    meta = np.zeros(0, dtype=np.int64)
+    if meta_fraction > 0:
+        n_meta = min(max(round(meta_fraction * len(train)), 1), len(train) - 1)
+        meta, train = stratified_take(train, train_y[train], n_meta, stream_rng(seed, "meta"))
     return SplitIndices(
-        train=subset(train, train_y[train], max_train, stream_rng(seed, "max_train")),
+        train=train,
         val=subset(val, train_y[val], max_val, stream_rng(seed, "max_val")),
         test=subset(test, test_labels, max_test, stream_rng(seed, "max_test")),
+        meta=meta,
     )
+
+
+def trial_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Positions (sorted) of a stratified ``fraction`` of a training split with class ``labels``, fixed by ``seed``
+    (at least one row): the reduced training set of a search trial (:attr:`hpmkd.training.StageSpec.train_fraction`).
+    ``fraction >= 1`` keeps every row."""
+    positions = np.arange(len(labels), dtype=np.int64)
+    if fraction >= 1:
+        return positions
+    n = min(max(round(fraction * len(labels)), 1), len(labels))
+    return stratified_take(positions, labels, n, stream_rng(seed, "trial"))[0]
