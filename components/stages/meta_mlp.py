@@ -9,7 +9,7 @@
    :class:`hpmkd.models.meta_mlp.MetaMLP`) is written as one ``model.pt`` and handed on as a
    :class:`~hpmkd.components.graph.ModelArtifact`: a teacher like any other for later stages.
 3. Validation and test metrics come from the cached outputs (the test split read once, for the selected head); the
-   registered test metrics that run the predictor (corruptions, speed) run the stacked model on the test split.
+   shifted test splits (`evaluation.shifts`) and the optional speed measures run the stacked model on the test split.
 
 The run records the held-out rows' count (``holdout_rows``), each epoch's head metrics, and tag
 ``holdout_verified``: ``true`` when every member was trained by this experiment with the same held-out rows
