@@ -5,7 +5,9 @@ workers (``ray.num_workers``, ``ray.use_gpu``). Every epoch, rank 0 writes a ful
 scheduler, epoch, RNG, the selection's state, history) through ``ray.train.report``; a failed worker group is
 restarted from it (``FailureConfig(max_failures)``), and a rerun with the same Train run name resumes from it. Rank 0
 also logs the epoch's metrics to the stage's MLflow run. The stage's selected predictor (:mod:`hpmkd.predictors`) is
-written from the last checkpoint as ``model.pt``.
+written from the last checkpoint as ``model.pt``. Every rank reports its Ray node, so the stage records where it ran
+(:mod:`hpmkd.components.placement`); a rank whose node lacks the data set fails naming that node and the folders
+searched.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from hpmkd.components.logit_cache import CachedTeachers
+from hpmkd.components.placement import cluster_nodes, node_name, placement
 from hpmkd.components.teacher_service import ActorTeachers
 from hpmkd.components.tracking import log_metrics
 from hpmkd import checkpoint
 from hpmkd.config import RayConfig
+from hpmkd.data.base import DatasetNotFoundError
 from hpmkd.predictors import save_predictor
 from hpmkd.selection import selected_payload
 from hpmkd.teachers import TeacherSource
@@ -71,6 +75,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             t = t / world
         return t
 
+    rank_nodes = gather_node_ids(world)
     teachers = worker_teachers(config["teacher_names"], config["teacher_actors"], config["teacher_cache"], rank)
     env = StageEnv(
         rank=rank,
@@ -84,16 +89,40 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         teachers=teachers,
         all_reduce_mean=all_reduce_mean,
     )
-    return train_stage(spec, env)
+    try:
+        result = train_stage(spec, env)
+    except DatasetNotFoundError as err:
+        raise DatasetNotFoundError(f"rank {rank} of stage {spec.name!r} runs on Ray node {this_node()}, where data "
+                                   f"set {spec.data.name!r} is missing (every node needs its own copy, or a "
+                                   f"data.root on shared storage): {err}") from None
+    return {**result, "rank_nodes": rank_nodes}
+
+
+def gather_node_ids(world: int) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [mine]
+    every: list[Any] = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def this_node() -> str:
+    """This process's Ray node: its name, address and id."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"{node_name(node_id, cluster_nodes())} ({ray.util.get_node_ip_address()}, node id {node_id})"
 
 
 @dataclass
 class TrainedStage:
-    """What a training stage leaves behind: its metrics and where its files are."""
+    """What a training stage leaves behind: its metrics, where its files are, and where its ranks ran
+    (:func:`hpmkd.components.placement.placement`)."""
 
     metrics: dict[str, Any]
     state_path: Path
     model_path: Path
+    placement: dict[str, Any]
 
 
 def run_training_stage(
@@ -147,7 +176,8 @@ def run_training_stage(
     checkpoint.save_atomic(state, state_path)
     model_path = out_dir / checkpoint.MODEL_FILE
     save_predictor(selected_payload(state), model_path)
-    return TrainedStage(result.return_value, state_path, model_path)
+    return TrainedStage(result.return_value, state_path, model_path,
+                        placement(result.return_value["rank_nodes"], cluster_nodes()))
 
 
 class StageFailedError(RuntimeError):

@@ -27,9 +27,16 @@ from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.teachers import Pending, TeacherSpec, provider_for
 
 
-@ray.remote
+#: a teacher actor whose process dies is restarted (its weights reloaded from the object store) this many times, and
+#: the calls it had not answered are sent again: ``forward`` is a pure function of the batch and the frozen weights, so
+#: a retried call returns exactly what the lost one would have, and no batch is trained on missing outputs.
+ACTOR_RESTARTS = 3
+
+
+@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
 class TeacherActor:
-    """Hosts one frozen teacher (any :data:`hpmkd.teachers.PROVIDERS` kind) and serves its outputs for batches."""
+    """Hosts one frozen teacher (any :data:`hpmkd.teachers.PROVIDERS` kind) and serves its outputs for batches;
+    restarted when its process dies (:data:`ACTOR_RESTARTS`). ``served`` counts the batches since its last start."""
 
     def __init__(self, spec: TeacherSpec, weights: Any, threads: int = 1):
         torch.set_num_threads(max(1, threads))

@@ -6,6 +6,7 @@ parameter count over the student's (DESIGN.md: both on the same test set, parame
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hpmkd.components.graph import Stage, StageResult
@@ -24,6 +25,7 @@ def summarise(
     wall_s: float,
 ) -> dict[str, Any]:
     rows = [results[s.name] for s in stages if s.name in results]
+    requests = {s.name: {"CPU": s.cpus if math.isfinite(s.cpus) else "all", "GPU": s.gpus} for s in stages}
     teachers = []
     for r in rows:
         if r.kind in TEACHER_KINDS and r.status == "FINISHED":
@@ -48,7 +50,8 @@ def summarise(
         "stages": [
             {"name": r.name, "kind": r.kind, "model": r.artifact.model.model if r.artifact else None, "run_id": r.run_id,
              "status": r.status, "wall_s": r.wall_s,
-             "started_s": r.started_s, "wait_s": r.wait_s, "reused": r.reused, "metrics": r.metrics, "error": r.error}
+             "started_s": r.started_s, "wait_s": r.wait_s, "reused": r.reused, "metrics": r.metrics, "error": r.error,
+             "resources": requests[r.name], "placement": r.placement}
             for r in rows
         ],
         "teachers": teachers,
