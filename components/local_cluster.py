@@ -10,6 +10,8 @@
   client reads (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``);
 * an MLflow tracking server (``mlflow server``) on 127.0.0.1 with a SQLite store and an artifacts folder under
   ``ROOT/mlflow``;
+* Ray's session folders (logs, sockets) in a short folder under the system's temp folder (recorded, removed by
+  ``down``; socket paths have a length limit), the other logs in ``ROOT/logs``;
 * ``ROOT/shared``, the folder standing in for shared storage: Ray Train's ``storage_path`` (``shared/ray``) and the
   logit cache (``shared/cache``).
 
@@ -17,7 +19,8 @@ Every process it started is recorded in ``ROOT/cluster.json`` (its PID and proce
 process groups and every process below them (raylets and Ray workers included), and nothing else: other Ray
 instances on the machine are left alone (``ray stop`` would kill them all). ``status`` says which recorded processes
 live and prints the environment a driver needs (``RAY_ADDRESS`` ...), so ``hpmkd run`` and ``cluster/submit.py`` run
-on it unchanged. :func:`kill_node` kills one node's processes (the fault tests).
+on it unchanged. :func:`kill_node` kills one node's processes, :func:`stop_mlflow` / :func:`start_mlflow` stop and
+restart the tracking server (the fault tests).
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hpmkd.components.orphans import pid_exists
 from hpmkd.components.placement import NODE_RESOURCE
 from hpmkd.registry import ConfigError
 
@@ -51,6 +57,7 @@ class Process:
     log: str
     cpus: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
+    argv: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +72,7 @@ class ClusterState:
     shared: str
     nodes: list[Process]
     mlflow: Process | None
+    ray_temp: str = ""
 
     def env(self) -> dict[str, str]:
         """The environment a driver or job client needs to use this cluster."""
@@ -111,14 +119,13 @@ def ray_executable() -> str:
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    if not pid_exists(pid):
         return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")  # a zombie is dead
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # ended meanwhile, or no /proc
+        return pid_exists(pid)
 
 
 def descendants(pid: int) -> list[int]:
@@ -171,7 +178,7 @@ def launch(name: str, argv: list[str], root: Path, env: dict[str, str], cpus: fl
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env}, start_new_session=True, cwd=root)
-    return Process(name, proc.pid, str(log), cpus, {k: v for k, v in env.items() if k.startswith("HPMKD_")})
+    return Process(name, proc.pid, str(log), cpus, {k: v for k, v in env.items() if k.startswith("HPMKD_")}, argv)
 
 
 def wait_for(what: str, ready, proc: Process, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -196,6 +203,13 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def node_base_env(token_path: str) -> dict[str, str]:
+    """What every node's processes get: the token, and this environment's ``bin`` first on ``PATH`` (a Ray Job's
+    ``python`` is then the Python that runs hpmkd and this Ray)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def node_names(count: int) -> list[str]:
     return ["head", *(f"node{i}" for i in range(1, count))]
 
@@ -206,7 +220,7 @@ def start_node(state: ClusterState, name: str, cpus: float, env: dict[str, str],
     root = Path(state.root)
     args = [ray_executable(), "start", "--block", f"--num-cpus={cpus:g}", "--num-gpus=0",
             f"--resources={json.dumps({NODE_RESOURCE + name: 1})}", "--disable-usage-stats",
-            f"--temp-dir={root / 'ray-tmp'}"]
+            f"--temp-dir={state.ray_temp}"]
     node_env = {**base_env, **env}
     if not state.nodes:
         port, dash = state.ray_address.rsplit(":", 1)[1], state.dashboard_url.rsplit(":", 1)[1]
@@ -240,12 +254,14 @@ def up(root: str | os.PathLike, nodes: int = 3, cpus: float = 1.0, head_cpus: fl
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    base_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    base_env = node_base_env(str(token))
     state = ClusterState(
         root=str(folder), ray_address=f"127.0.0.1:{port or free_port()}",
         dashboard_url=f"http://127.0.0.1:{dashboard_port or free_port()}",
         tracking_uri=f"http://127.0.0.1:{mlflow_port or free_port()}" if mlflow else "",
-        token_path=str(token), shared=str(folder / "shared"), nodes=[], mlflow=None)
+        token_path=str(token), shared=str(folder / "shared"), nodes=[], mlflow=None,
+        # Ray's sockets live under its temp dir and a socket path may not exceed 107 bytes: a short folder in /tmp
+        ray_temp=tempfile.mkdtemp(prefix="hpmkd-ray-"))
     try:
         if mlflow:
             state.mlflow = launch("mlflow", [
@@ -268,8 +284,7 @@ def up(root: str | os.PathLike, nodes: int = 3, cpus: float = 1.0, head_cpus: fl
 def add_node(root: str | os.PathLike, name: str, cpus: float, env: dict[str, str] | None = None) -> Process:
     """Start one more worker node in a running cluster (recorded like the others)."""
     state = ClusterState.load(root)
-    base = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state.token_path}
-    return start_node(state, name, cpus, env or {}, base)
+    return start_node(state, name, cpus, env or {}, node_base_env(state.token_path))
 
 
 def kill_node(root: str | os.PathLike, name: str) -> list[int]:
@@ -287,6 +302,20 @@ def kill_node(root: str | os.PathLike, name: str) -> list[int]:
     return pids
 
 
+def stop_mlflow(root: str | os.PathLike) -> None:
+    """Stop the cluster's MLflow server (its store stays); :func:`start_mlflow` starts it again."""
+    state = ClusterState.load(root)
+    stop_process(state.mlflow, signal.SIGKILL)
+
+
+def start_mlflow(root: str | os.PathLike) -> None:
+    """Start the cluster's MLflow server again, as ``up`` did, on the same port and store; wait until it answers."""
+    state = ClusterState.load(root)
+    state.mlflow = launch("mlflow", state.mlflow.argv, Path(state.root), {})
+    state.save()
+    wait_for("MLflow server", lambda: http_ok(f"{state.tracking_uri}/health"), state.mlflow)
+
+
 def down(root: str | os.PathLike) -> list[str]:
     """Stop every process the cluster under ``root`` recorded (workers first, the head, then MLflow); the names
     of those that were still running."""
@@ -296,6 +325,8 @@ def down(root: str | os.PathLike) -> list[str]:
         if alive(proc.pid) or descendants(proc.pid):
             stopped.append(proc.name)
         stop_process(proc)
+    if state.ray_temp:
+        shutil.rmtree(state.ray_temp, ignore_errors=True)
     return stopped
 
 

@@ -66,11 +66,14 @@ class TeacherActor:
 
 @dataclass
 class TeacherPool:
-    """The identical replicas of one teacher; :meth:`submit` sends each request to the next one (round robin)."""
+    """The identical replicas of one teacher; :meth:`submit` sends each request to the next one (round robin).
+    ``weights``: the object reference of the weights, held while the pool lives so that a restarted replica can
+    load them again."""
 
     name: str
     replicas: list[Any]
     turn: int = 0
+    weights: Any = None
 
     def submit(self, x: Any, taps: Sequence[str] = ()) -> ray.ObjectRef:
         """Ask the next replica for the outputs on ``x`` (an array or an object reference to one)."""
@@ -100,7 +103,8 @@ def start_teacher_actors(
         provider.build(spec, weights)  # fail here, naming the layer, before any actor starts
         ref = ray.put(weights)
         actor = TeacherActor.options(num_cpus=cpus, num_gpus=gpus)
-        pools.append(TeacherPool(spec.name, [actor.remote(spec, ref, max(1, int(cpus))) for _ in range(replicas)]))
+        pools.append(TeacherPool(spec.name, [actor.remote(spec, ref, max(1, int(cpus))) for _ in range(replicas)],
+                                 weights=ref))
     ray.get([a.name.remote() for p in pools for a in p.replicas])  # wait until every model is loaded (errors surface here)
     return pools
 
