@@ -45,7 +45,7 @@ from hpmkd.registry import ConfigError
 
 STATE_FILE = "cluster.json"
 READY_LINE = "Ray runtime started"
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 300.0  # a node or MLflow server starting on a busy machine
 
 
 @dataclass
