@@ -45,6 +45,8 @@ from hpmkd.registry import ConfigError
 
 STATE_FILE = "cluster.json"
 READY_LINE = "Ray runtime started"
+STARTUP_TIMEOUT_LINE = "timed out during startup"
+STARTUP_ATTEMPTS = 3
 START_TIMEOUT_S = 300.0  # a node or MLflow server starting on a busy machine
 
 
@@ -230,11 +232,21 @@ def start_node(state: ClusterState, name: str, cpus: float, env: dict[str, str],
     else:  # through loopback_node, which keeps the loopback addresses Ray would replace
         args = [sys.executable, "-m", "hpmkd.components.loopback_node", *args[1:],
                 f"--address={state.ray_address}", "--node-ip-address=127.0.0.1"]
-    proc = launch(f"ray-{name}", args, root, node_env, cpus)
-    state.nodes.append(proc)  # recorded before it is ready, so that `down` stops it whatever happens
-    state.save()
-    wait_for(f"Ray node {name}", lambda: node_ready(proc), proc)
-    return proc
+    attempt = 1
+    while True:
+        proc = launch(f"ray-{name}", args, root, node_env, cpus)
+        state.nodes.append(proc)  # recorded before it is ready, so that `down` stops it whatever happens
+        state.save()
+        try:
+            wait_for(f"Ray node {name}", lambda: node_ready(proc), proc)
+            return proc
+        except RuntimeError:
+            timed_out = STARTUP_TIMEOUT_LINE in Path(proc.log).read_text(errors="replace")
+            if not timed_out or attempt == STARTUP_ATTEMPTS:
+                raise
+            stop_process(proc)  # Ray gives a raylet 30 s to register, too little on a busy machine: again
+            state.nodes.remove(proc)
+            attempt += 1
 
 
 def up(root: str | os.PathLike, nodes: int = 3, cpus: float = 1.0, head_cpus: float | None = None,
