@@ -81,8 +81,8 @@ def check_resources(stages: list[Stage], ray_cfg: RayConfig, nodes: list[Node]) 
             raise ConfigError(
                 f"stage {stage.name!r} asks for {stage.cpus:g} CPUs (its Train workers: ray.num_workers="
                 f"{ray_cfg.num_workers} x ray.cpus_per_worker={ray_cfg.cpus_per_worker:g}, plus any teacher actors: "
-                f"ray.teacher_replicas x ray.teacher_cpus) but the Ray cluster has {total_cpu:g} CPUs in all ({where}); "
-                f"lower those keys or add nodes.")
+                f"ray.teacher_replicas x ray.teacher_cpus) but the Ray cluster has {total_cpu:g} CPUs in all "
+                f"({where}); lower those keys or add nodes.")
         if stage.gpus > total_gpu + 1e-9:
             raise ConfigError(
                 f"stage {stage.name!r} asks for {stage.gpus:g} GPUs (ray.use_gpu: one per Train worker, "

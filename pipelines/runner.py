@@ -3,9 +3,9 @@
 Everything that can be checked without Ray is checked first (the config, then :func:`hpmkd.pipelines.preflight
 .preflight`: data and labels, every model and objective built on the meta device, teacher checkpoints), so bad
 input fails in seconds and records nothing half-done; so does a stage that asks for more CPUs or GPUs than the Ray
-cluster has (:func:`hpmkd.components.placement.check_resources`, once Ray is up). The experiment gets one parent MLflow run;
-every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked FAILED, the
-stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
+cluster has (:func:`hpmkd.components.placement.check_resources`, once Ray is up). The experiment gets one parent
+MLflow run; every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked
+FAILED, the stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
 ``RUNNING`` by an earlier driver that died are marked ``KILLED`` first (:mod:`hpmkd.components.orphans`).
 """
 

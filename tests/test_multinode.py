@@ -203,7 +203,7 @@ def test_a_worker_on_a_node_without_the_data_set_names_the_node_and_the_folder(c
     assert str(Path(os.environ["HPMKD_DATA"]).parent / "node2-data") in text  # the folder searched on that node
 
 
-# --- faults ------------------------------------------------------------------------------------------------------------
+# --- faults ---------------------------------------------------------------------------------------------------------
 
 def test_a_killed_teacher_actor_is_restarted_and_serving_resumes(cluster, teacher, tmp_path):
     import signal
