@@ -1,7 +1,8 @@
 """The stage graph's types: what a pipeline builds and what crosses a stage boundary (no Ray, no MLflow).
 
 * A :class:`Stage` is one node: a name, its typed params (a frozen :class:`StageParams` dataclass whose ``kind``
-  names the stage kind that runs it, :mod:`hpmkd.components.stages`), the stages it reads and the CPUs it holds.
+  names the stage kind that runs it, :mod:`hpmkd.components.stages`), the stages it reads and the CPUs and GPUs it
+  holds.
 * A stage's :class:`StageOutcome` (and, once recorded, its :class:`StageResult`) carries metrics, at most one
   :class:`ModelArtifact` (every model-producing stage hands on exactly one) and a kind-specific typed ``record``
   (a tune stage's chosen configuration, a chain link's gain).
@@ -54,6 +55,7 @@ class Stage:
     params: StageParams
     deps: list[str] = field(default_factory=list)
     cpus: float = 1.0
+    gpus: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -84,11 +86,13 @@ class ModelArtifact:
 
 @dataclass
 class StageOutcome:
-    """What a stage kind's run returns: final metrics, the model it produced (if any), its kind's typed record."""
+    """What a stage kind's run returns: final metrics, the model it produced (if any), its kind's typed record, and
+    where it ran (:mod:`hpmkd.components.placement`; ``None`` for a stage that ran nothing on Ray)."""
 
     metrics: dict[str, float]
     artifact: ModelArtifact | None = None
     record: Any = None
+    placement: dict[str, Any] | None = None
 
 
 @dataclass
@@ -110,6 +114,7 @@ class StageResult:
     reused: bool = False
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase (hpmkd.phases)
     estimate_s: float | None = None  # the scheduler's expected duration (hpmkd.components.estimates)
+    placement: dict[str, Any] | None = None  # nodes and ranks it ran on (hpmkd.components.placement)
 
     def model(self) -> ModelArtifact:
         """The model this stage produced; an error naming the stage when it produced none."""

@@ -7,6 +7,8 @@ restarted from it (``FailureConfig(max_failures)``), and a rerun with the same T
 also logs the epoch's metrics to the stage's MLflow run. The stage's selected predictor (:mod:`hpmkd.predictors`) is
 written from the last checkpoint as ``model.pt``. Rank 0 reports each epoch to the live progress display
 (:mod:`hpmkd.components.progress`), and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics.
+Every rank reports its Ray node, so the stage records where it ran (:mod:`hpmkd.components.placement`); a rank
+whose node lacks the data set fails naming that node and the folders searched.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from ray.train.torch import TorchTrainer
 
 from hpmkd.components import progress
 from hpmkd.components.logit_cache import CachedTeachers
+from hpmkd.components.placement import cluster_nodes, node_name, placement
 from hpmkd.components.teacher_service import ActorTeachers
 from hpmkd.components.tracking import log_metrics
 from hpmkd import checkpoint
 from hpmkd.config import RayConfig
+from hpmkd.data.base import DatasetNotFoundError
 from hpmkd.phases import Phases
 from hpmkd.predictors import save_predictor
 from hpmkd.selection import selected_payload
@@ -80,6 +84,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             t = t / world
         return t
 
+    rank_nodes = gather_node_ids(world)
     teachers = worker_teachers(config["teacher_names"], config["teacher_actors"], config["teacher_cache"], rank)
     env = StageEnv(
         rank=rank,
@@ -94,21 +99,44 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         all_reduce_mean=all_reduce_mean,
         splits=splits,
     )
-    out = train_stage(spec, env)
+    try:
+        out = train_stage(spec, env)
+    except DatasetNotFoundError as err:
+        raise DatasetNotFoundError(f"rank {rank} of stage {spec.name!r} runs on Ray node {this_node()}, where data "
+                                   f"set {spec.data.name!r} is missing (every node needs its own copy, or a "
+                                   f"data.root on shared storage): {err}") from None
     out["phases"]["worker_start"] = began - config["launched_at"]  # controller, worker actors, process group
     out["phases"]["setup"] += fetched - began  # the resume state and the data, read before the loop
     out["returned_at"] = time.time()
-    return out
+    return {**out, "rank_nodes": rank_nodes}
+
+
+def gather_node_ids(world: int) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [mine]
+    every: list[Any] = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def this_node() -> str:
+    """This process's Ray node: its name, address and id."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"{node_name(node_id, cluster_nodes())} ({ray.util.get_node_ip_address()}, node id {node_id})"
 
 
 @dataclass
 class TrainedStage:
-    """What a training stage leaves behind: its metrics and where its files are."""
+    """What a training stage leaves behind: its metrics, where its files are, and where its ranks ran
+    (:func:`hpmkd.components.placement.placement`)."""
 
     metrics: dict[str, Any]
     state_path: Path
     model_path: Path
     phases: dict[str, float]
+    placement: dict[str, Any]
 
 
 def run_training_stage(
@@ -173,7 +201,8 @@ def run_training_stage(
         checkpoint.save_atomic(state, state_path)
         model_path = out_dir / checkpoint.MODEL_FILE
         save_predictor(selected_payload(state), model_path)
-    return TrainedStage(result.return_value, state_path, model_path, phases.seconds)
+    return TrainedStage(result.return_value, state_path, model_path, phases.seconds,
+                        placement(result.return_value["rank_nodes"], cluster_nodes()))
 
 
 class StageFailedError(RuntimeError):

@@ -27,9 +27,16 @@ from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.teachers import Pending, TeacherSpec, provider_for
 
 
-@ray.remote
+#: a teacher actor whose process dies is restarted (its weights reloaded from the object store) this many times, and
+#: the calls it had not answered are sent again: ``forward`` is a pure function of the batch and the frozen weights, so
+#: a retried call returns exactly what the lost one would have, and no batch is trained on missing outputs.
+ACTOR_RESTARTS = 3
+
+
+@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
 class TeacherActor:
-    """Hosts one frozen teacher (any :data:`hpmkd.teachers.PROVIDERS` kind) and serves its outputs for batches."""
+    """Hosts one frozen teacher (any :data:`hpmkd.teachers.PROVIDERS` kind) and serves its outputs for batches;
+    restarted when its process dies (:data:`ACTOR_RESTARTS`). ``served`` counts the batches since its last start."""
 
     def __init__(self, spec: TeacherSpec, weights: Any, threads: int = 1):
         torch.set_num_threads(max(1, threads))
@@ -59,11 +66,14 @@ class TeacherActor:
 
 @dataclass
 class TeacherPool:
-    """The identical replicas of one teacher; :meth:`submit` sends each request to the next one (round robin)."""
+    """The identical replicas of one teacher; :meth:`submit` sends each request to the next one (round robin).
+    ``weights``: the object reference of the weights, held while the pool lives so that a restarted replica can
+    load them again."""
 
     name: str
     replicas: list[Any]
     turn: int = 0
+    weights: Any = None
 
     def submit(self, x: Any, taps: Sequence[str] = ()) -> ray.ObjectRef:
         """Ask the next replica for the outputs on ``x`` (an array or an object reference to one)."""
@@ -93,7 +103,8 @@ def start_teacher_actors(
         provider.build(spec, weights)  # fail here, naming the layer, before any actor starts
         ref = ray.put(weights)
         actor = TeacherActor.options(num_cpus=cpus, num_gpus=gpus)
-        pools.append(TeacherPool(spec.name, [actor.remote(spec, ref, max(1, int(cpus))) for _ in range(replicas)]))
+        pools.append(TeacherPool(spec.name, [actor.remote(spec, ref, max(1, int(cpus))) for _ in range(replicas)],
+                                 weights=ref))
     ray.get([a.name.remote() for p in pools for a in p.replicas])  # wait until every model is loaded (errors surface here)
     return pools
 

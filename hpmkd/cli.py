@@ -9,6 +9,7 @@
     hpmkd cache list|clear [--dir DIR] [--older-than 7d]
     hpmkd report [--tracking-uri URI] [--experiment NAME ...] [--out DIR] [--log]
     hpmkd ablate CONFIG --seeds N [--components NAME ...] [--output DIR] [--tracking-uri URI] [--set ...]
+    hpmkd cluster up|down|status [--root DIR] [--nodes N] [--cpus C] [--head-cpus C] [--port N] ...
 
 Ray and MLflow are imported only by the commands that need them: ``validate`` checks the config, its data, models
 and objectives (:mod:`hpmkd.pipelines.preflight`) without starting either.
@@ -32,11 +33,13 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import NoReturn
 
 from hpmkd.registry import ConfigError
 
 DEFAULT_CACHE_DIR = "hpmkd_runs/logit_cache"
+DEFAULT_CLUSTER_ROOT = "hpmkd_cluster"
 
 
 #: what a user-caused failure raises: config and option errors (``ConfigError`` is a ``ValueError``), malformed
@@ -123,6 +126,21 @@ def parser() -> argparse.ArgumentParser:
     ablate.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db")
     ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a config key of every variant (repeatable)")
+    cluster = command(sub, "cluster", help="a local multi-node Ray cluster with an MLflow server (docs/scaling.md)")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    for name, text in (("up", "start the nodes and the MLflow server"), ("down", "stop everything `up` started"),
+                       ("status", "which recorded processes live, and the environment a driver needs")):
+        c = command(cluster_sub, name, help=text)
+        c.add_argument("--root", default=DEFAULT_CLUSTER_ROOT,
+                       help=f"the cluster's folder: its state, logs, token, MLflow store and shared storage "
+                       f"(default {DEFAULT_CLUSTER_ROOT})")
+        if name == "up":
+            c.add_argument("--nodes", type=int, default=3, help="Ray nodes, the head included (default 3)")
+            c.add_argument("--cpus", type=float, default=1.0, help="CPUs of each node (default 1)")
+            c.add_argument("--head-cpus", type=float, help="CPUs of the head (default: --cpus)")
+            c.add_argument("--port", type=port, help="the head's GCS port (default: a free one)")
+            c.add_argument("--dashboard-port", type=port, help="dashboard and job server (default: a free one)")
+            c.add_argument("--mlflow-port", type=port, help="the MLflow server (default: a free one)")
     return p
 
 
@@ -299,12 +317,34 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from hpmkd.components import local_cluster
+
+    if args.cluster_command == "up":
+        state = local_cluster.up(args.root, args.nodes, args.cpus, args.head_cpus, args.port, args.dashboard_port,
+                                 args.mlflow_port)
+        print(f"{len(state.nodes)} Ray nodes and MLflow up; state in {Path(state.root) / local_cluster.STATE_FILE}")
+    elif args.cluster_command == "down":
+        stopped = local_cluster.down(args.root)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    info = local_cluster.status(args.root)
+    for proc in info["processes"]:
+        print(f"{proc['name']:<12} pid {proc['pid']:<8} {'running' if proc['alive'] else 'STOPPED':<8} "
+              f"cpus {proc['cpus']:g}  log {proc['log']}")
+    print(f"dashboard {'up' if info['dashboard_up'] else 'DOWN'}, MLflow {'up' if info['mlflow_up'] else 'DOWN'}")
+    print("use it from a shell:")
+    print("  export " + " ".join(f"{k}={v}" for k, v in info["env"].items()))
+    print("  hpmkd run CONFIG " + " ".join(f"--set {o}" for o in info["run_overrides"]))
+    return 0 if all(p["alive"] for p in info["processes"]) else 1
+
+
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ui": cmd_ui, "models": cmd_models, "cache": cmd_cache,
-            "report": cmd_report, "ablate": cmd_ablate}
+            "report": cmd_report, "ablate": cmd_ablate, "cluster": cmd_cluster}
 
 
 def is_user_error(err: BaseException) -> bool:

@@ -293,7 +293,9 @@ class RayConfig:
 
     ``order``: which ready stage starts first when not all fit: ``critical_path`` (the longest expected chain of
     stages first, durations estimated from the store's past runs; :mod:`hpmkd.components.scheduler`) or ``listed``
-    (the pipeline's order).
+    (the pipeline's order). ``share_splits``: Ray Train workers read the driver's loaded splits from Ray's object
+    store (loaded once per experiment); false: every worker loads the data set from its own node's disk (a data set
+    too large to pass through the object store, kept on each node's storage).
     """
 
     address: str | None = None
@@ -310,6 +312,7 @@ class RayConfig:
     parallel: bool = True
     log_to_driver: bool = False
     order: str = "critical_path"
+    share_splits: bool = True
 
     def check(self, path: str) -> None:
         positive(path, num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,

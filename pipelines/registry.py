@@ -7,6 +7,8 @@ section it owns (registered in :data:`hpmkd.config.SECTIONS`). Building a graph 
 
 from __future__ import annotations
 
+import operator
+
 from hpmkd.components.graph import Stage
 from hpmkd.components.stage_params import Distill, LoadTeacher, TrainModel
 from hpmkd.config import ExperimentConfig, Recipe
@@ -24,6 +26,11 @@ def worker_cpus(cfg: ExperimentConfig) -> float:
     return cfg.ray.num_workers * cfg.ray.cpus_per_worker
 
 
+def worker_gpus(cfg: ExperimentConfig) -> float:
+    """GPUs of one training stage's Ray Train workers (one each with ``ray.use_gpu``)."""
+    return float(cfg.ray.num_workers) if cfg.ray.use_gpu else 0.0
+
+
 #: teacher provider kind (:data:`hpmkd.teachers.PROVIDERS`) -> ``(cfg, index) -> Stage``: the stage that makes
 #: teacher ``index`` (``sklearn``: :mod:`hpmkd.pipelines.tabular`)
 TEACHER_STAGES: Registry[Stage] = Registry("teacher stage")
@@ -34,10 +41,11 @@ def torch_teacher_stage(cfg: ExperimentConfig, index: int) -> Stage:
     """A PyTorch teacher: trained (``train_teacher``) or loaded from its checkpoint (``load_teacher``)."""
     t = cfg.teachers[index]
     if t.checkpoint:
-        params, cpus = LoadTeacher(t.name, t.ref, t.checkpoint), 0.0
+        params, cpus, gpus = LoadTeacher(t.name, t.ref, t.checkpoint), 0.0, 0.0
     else:
-        params, cpus = TrainModel(t.ref, cfg.teacher_train(index), teacher=t.name), worker_cpus(cfg)
-    return Stage(f"teacher_{t.name}", params, cpus=cpus)
+        params = TrainModel(t.ref, cfg.teacher_train(index), teacher=t.name)
+        cpus, gpus = worker_cpus(cfg), worker_gpus(cfg)
+    return Stage(f"teacher_{t.name}", params, cpus=cpus, gpus=gpus)
 
 
 def teacher_stages(cfg: ExperimentConfig) -> list[Stage]:
@@ -50,16 +58,19 @@ def baseline_stages(cfg: ExperimentConfig) -> list[Stage]:
     """``student_alone`` (the student trained with cross-entropy only) when ``distill.baseline`` asks for it."""
     if not cfg.distill.baseline:
         return []
-    return [Stage(STUDENT_ALONE, TrainModel(cfg.student.ref, cfg.student_train()), cpus=worker_cpus(cfg))]
+    return [Stage(STUDENT_ALONE, TrainModel(cfg.student.ref, cfg.student_train()), cpus=worker_cpus(cfg),
+                  gpus=worker_gpus(cfg))]
 
 
-def distill_cpus(cfg: ExperimentConfig, recipe: Recipe, teachers: int) -> float:
-    """CPUs a distillation stage holds at its peak: its Train workers plus the actors of its ``teachers`` models
-    (replicas too) while they serve batches online; when the cache serves the logits, the actors fill it and are
-    released before the workers start, so the peak is the larger of the two."""
-    actors = teachers * cfg.ray.teacher_replicas * cfg.ray.teacher_cpus
+def distill_resources(cfg: ExperimentConfig, recipe: Recipe, teachers: int) -> tuple[float, float]:
+    """CPUs and GPUs a distillation stage holds at its peak: its Train workers plus the actors of its ``teachers``
+    models (replicas too) while they serve batches online; when the cache serves the logits, the actors fill it and
+    are released before the workers start, so the peak is the larger of the two."""
+    actors = teachers * cfg.ray.teacher_replicas
     online = choose_source(recipe.distill, cfg.data.augment, needs_features=False) == "online"
-    return worker_cpus(cfg) + actors if online else max(worker_cpus(cfg), actors)
+    peak = operator.add if online else max
+    return (peak(worker_cpus(cfg), actors * cfg.ray.teacher_cpus),
+            peak(worker_gpus(cfg), actors * cfg.ray.teacher_gpus))
 
 
 def distill_stage(cfg: ExperimentConfig, name: str, teachers: list[str], params_type: type[Distill] = Distill,
@@ -69,4 +80,5 @@ def distill_stage(cfg: ExperimentConfig, name: str, teachers: list[str], params_
     ``init_from`` ...) or add a subclass's."""
     params = params_type(**{"student": cfg.student.ref, "recipe": cfg.recipe(), "teachers": tuple(teachers), **fields})
     deps = list(dict.fromkeys([*teachers, *(d for d in (params.init_from, params.reference) if d), *after]))
-    return Stage(name, params, deps=deps, cpus=distill_cpus(cfg, params.recipe, len(teachers)))
+    cpus, gpus = distill_resources(cfg, params.recipe, len(teachers))
+    return Stage(name, params, deps=deps, cpus=cpus, gpus=gpus)

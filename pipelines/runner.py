@@ -2,9 +2,10 @@
 
 Everything that can be checked without Ray is checked first (the config, then :func:`hpmkd.pipelines.preflight
 .preflight`: data and labels, every model and objective built on the meta device, teacher checkpoints), so bad
-input fails in seconds and records nothing half-done. The experiment gets one parent MLflow run;
-every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked FAILED, the
-stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
+input fails in seconds and records nothing half-done; so does a stage that asks for more CPUs or GPUs than the Ray
+cluster has (:func:`hpmkd.components.placement.check_resources`, once Ray is up). The experiment gets one parent
+MLflow run; every stage is a nested run (see ``components.stages``). If a stage fails, the parent run is marked
+FAILED, the stages that finished stay FINISHED, and the error is raised after the summary of what did finish. Runs left
 ``RUNNING`` by an earlier driver that died are marked ``KILLED`` first (:mod:`hpmkd.components.orphans`).
 
 Stages start critical path first (``ray.order``), each one's duration estimated from the store's past runs
@@ -28,6 +29,7 @@ from hpmkd.components import orphans
 from hpmkd.components.estimates import estimate_all
 from hpmkd.components.graph import Stage, StageResult
 from hpmkd.components.progress import Display, ProgressMonitor
+from hpmkd.components.placement import check_resources, cluster_nodes
 from hpmkd.components.ray_runtime import ensure_ray
 from hpmkd.components.scheduler import run_graph
 from hpmkd.components.stages import ExperimentContext, execute
@@ -76,6 +78,7 @@ def run_experiment(
     storage_path = cfg.ray.storage_path or str(out_root / "ray")
     resources = ensure_ray(cfg.ray.address, cfg.ray.num_cpus, tracking_uri, cfg.ray.bind_host,
                            **{"log_to_driver": cfg.ray.log_to_driver, **(ray_init or {})})
+    check_resources(stages, cfg.ray, cluster_nodes())  # a stage the cluster cannot hold fails before anything runs
     log.info("experiment %r, pipeline %s: %d stages; MLflow %s", cfg.experiment, cfg.pipeline, len(stages), tracking_uri)
 
     with tracker.run(
@@ -93,7 +96,8 @@ def run_experiment(
             estimates = estimate_all(stages, len(splits.train), tracker.client)
         monitor = ProgressMonitor(display) if display is not None else None
         ctx = ExperimentContext(cfg, tracker, parent, splits, storage_path, out_dir,
-                                monitor.hub if monitor is not None else None, ray.put(splits))
+                                monitor.hub if monitor is not None else None,
+                                ray.put(splits) if cfg.ray.share_splits else None)
         try:
             results, error = run_graph(stages, shown(monitor, lambda s, inputs: execute(s, ctx, inputs)),
                                        resources.get("CPU", 1.0), cfg.ray.parallel, estimates)

@@ -10,6 +10,7 @@ Each stage's row carries its scheduler estimate (``estimate_s``) beside its actu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hpmkd.components.graph import Stage, StageResult
@@ -32,6 +33,7 @@ def summarise(
 ) -> dict[str, Any]:
     rows = [results[s.name] for s in stages if s.name in results]
     deps = {s.name: list(s.deps) for s in stages}
+    requests = {s.name: {"CPU": s.cpus if math.isfinite(s.cpus) else "all", "GPU": s.gpus} for s in stages}
     teachers = []
     for r in rows:
         if r.kind in TEACHER_KINDS and r.status == "FINISHED":
@@ -59,7 +61,8 @@ def summarise(
             {"name": r.name, "kind": r.kind, "model": r.artifact.model.model if r.artifact else None, "run_id": r.run_id,
              "status": r.status, "wall_s": r.wall_s,
              "started_s": r.started_s, "wait_s": r.wait_s, "reused": r.reused, "metrics": r.metrics, "error": r.error,
-             "estimate_s": r.estimate_s, "phases": r.phases, "deps": deps[r.name]}
+             "estimate_s": r.estimate_s, "phases": r.phases, "deps": deps[r.name],
+             "resources": requests[r.name], "placement": r.placement}
             for r in rows
         ],
         "schedule": schedule(cfg, stages, results, estimates),

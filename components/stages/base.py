@@ -159,7 +159,8 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
     log.info("stage %s finished in %.1f s: %s", stage.name, time.perf_counter() - began,
              ", ".join(f"{k}={outcome.metrics[k]:.4f}" for k in ("val_acc", "test_acc") if k in outcome.metrics))
     return StageResult(stage.name, stage.kind, run_id, "FINISHED", time.perf_counter() - began, outcome.metrics,
-                       outcome.artifact, outcome.record, key, reused=previous is not None, phases=phases.seconds)
+                       outcome.artifact, outcome.record, key, reused=previous is not None, phases=phases.seconds,
+                       placement=outcome.placement)
 
 
 def reuse(ctx: ExperimentContext, stage: Stage, kind: StageKind, run_id: str) -> StageOutcome:

@@ -12,6 +12,7 @@ import torch
 
 from hpmkd import checkpoint
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
+from hpmkd.components.placement import placement_tags
 from hpmkd.components.stage_params import TEACHER_KINDS, LoadTeacher, TrainModel
 from hpmkd.components.stage_runner import run_training_stage
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
@@ -52,12 +53,13 @@ def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: 
     run.phases.update(trained.phases)
     record_model(ctx, run, spec.model, trained.model_path, trained.state_path,
                  as_mlflow_model=ctx.cfg.mlflow.log_models and stage.kind not in TEACHER_KINDS)
+    ctx.tracker.set_tags(run.run_id, placement_tags(trained.placement))
     if "reference_sha256" in trained.metrics:
         ctx.tracker.set_tags(run.run_id, {"reference_state_sha256": trained.metrics["reference_sha256"]})
     metrics = {k: float(v) for k, v in trained.metrics.items() if isinstance(v, (int, float))}
     artifact = ModelArtifact(name, spec.model, str(trained.model_path), checkpoint.file_digest(trained.model_path),
                              int(trained.metrics["params"]), selected(metrics))
-    return StageOutcome(metrics, artifact)
+    return StageOutcome(metrics, artifact, placement=trained.placement)
 
 
 def selected(metrics: dict[str, float]) -> dict[str, float]:
