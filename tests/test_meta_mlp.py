@@ -68,7 +68,7 @@ class RowsSeen(Callback):
         return state.spec.name == "held_out_teacher"
 
     def after_step(self, state):
-        self.rows |= set(state.splits.train.index[state.batch.index].tolist())
+        self.rows |= set(state.batch.index.tolist())  # a RowSubset's batches carry the parent's row ids
 
 
 def test_a_teacher_never_trains_on_the_rows_the_meta_mlp_is_fitted_on(monkeypatch):
