@@ -179,15 +179,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hpmkd.pipelines.runner import ExperimentFailedError, run_experiment
     from hpmkd.pipelines.summary import format_table
 
-    if not args.verbose:
+    def library_messages_to_file() -> None:  # once the experiment has passed its checks: a refused run writes nothing
         path = library_messages_to(os.path.join(cfg.output_dir, "hpmkd.log"))
         logging.getLogger("hpmkd").info("Ray's and MLflow's messages: %s (--verbose shows them here)", path)
+
     display = LineDisplay() if args.quiet or not sys.stdout.isatty() else LiveDisplay()
     # SIGTERM (a scheduler cancelling the job, `kill`) ends the run like Ctrl-C: the open MLflow runs become KILLED
     signal.signal(signal.SIGTERM, interrupt)
     try:
         with console_logging(display):
-            summary = run_experiment(cfg, tracking_uri=args.tracking_uri, output=args.output, display=display)
+            summary = run_experiment(cfg, tracking_uri=args.tracking_uri, output=args.output, display=display,
+                                     checked=None if args.verbose else library_messages_to_file)
     except ExperimentFailedError as err:
         print(format_table(err.summary))
         print(f"\nFAILED: {err}\nFinished stages are kept in MLflow ({err.summary['tracking_uri']}); rerun to retry.",

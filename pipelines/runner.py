@@ -62,17 +62,22 @@ def run_experiment(
     ray_init: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
     display: Display | None = None,
+    checked: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` and return the results dict (also written as JSON to ``output`` when given). Components switched
     off in ``cfg.components`` are replaced first (:func:`hpmkd.pipelines.plan_experiment`): the stages, the scheduler
     and the parent run's params all see that effective config. ``tags`` are added to the parent run's (``hpmkd
-    ablate`` marks its variants so). ``display``: where live progress goes (none by default)."""
+    ablate`` marks its variants so). ``display``: where live progress goes (none by default). ``checked``: called once
+    everything that can be checked without Ray has passed (the store opened), before Ray starts (``hpmkd run`` sends Ray's and MLflow's
+    own messages to a file from there on)."""
     began = time.perf_counter()
     plan = plan_experiment(cfg)
     cfg, stages = plan.cfg, plan.stages
     splits = preflight(plan)
     tracking_uri = tracking_uri or cfg.mlflow.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, cfg.experiment, cfg.mlflow.artifact_root)
+    if checked is not None:
+        checked()
     orphans.sweep(tracker.client, tracker.experiment_id)
     out_root = Path(cfg.output_dir).resolve()
     storage_path = cfg.ray.storage_path or str(out_root / "ray")
