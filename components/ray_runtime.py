@@ -53,6 +53,15 @@ def cluster_mode_off() -> Iterator[None]:
             os.environ[key] = saved_env
 
 
+def reread_auth_token() -> None:
+    """Ray caches the authentication token the first time a process connects; a process that connects again after
+    ``ray.shutdown()`` (to another cluster, whose ``RAY_AUTH_TOKEN_PATH`` names another token: a test session that
+    moves to a local multi-node cluster, a notebook) must read the token its environment names now."""
+    from ray._raylet import AuthenticationTokenLoader  # Ray 2.60's token cache (ray._private.authentication)
+
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def ensure_ray(address: str | None, num_cpus: int | None, tracking_uri: str | None, bind_host: str = "127.0.0.1",
                **init_kwargs: Any) -> dict[str, Any]:
     """Connect to Ray (once per process) and return its cluster resources. A new local instance binds to
@@ -64,6 +73,7 @@ def ensure_ray(address: str | None, num_cpus: int | None, tracking_uri: str | No
     for key, value in RAY_DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
+        reread_auth_token()
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             # An existing cluster (or a Ray Job, whose runtime env Ray refuses to merge with ours): workers get the
