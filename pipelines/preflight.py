@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from hpmkd.components.graph import Stage
 from hpmkd.config import ExperimentConfig, Recipe
 from hpmkd.data import DataSplits, load_dataset
+from hpmkd.models import is_model
 from hpmkd.models.ref import DataShape, ModelRef, on_meta
 from hpmkd.pipelines import ExperimentPlan
 from hpmkd.registry import ConfigError
@@ -55,14 +56,15 @@ def preflight(plan: ExperimentPlan, splits: DataSplits | None = None, download: 
 
 
 def model_refs(cfg: ExperimentConfig, stages: list[Stage]) -> Iterator[tuple[ModelRef, str]]:
-    """Every model of the experiment once, with where it is configured: the config's teachers and student by key
-    path, models the pipeline derived (a chain's assistants) by stage."""
+    """Every PyTorch model of the experiment once, with where it is configured: the config's teachers and student by
+    key path, models the pipeline derived (a chain's assistants) by stage. Estimator teachers are not among them:
+    their provider checks their options when the config loads, and they are built only when fitted."""
     seen: set[str] = set()
     named = [(t.ref, f"teachers.{i}") for i, t in enumerate(cfg.teachers)] + [(cfg.student.ref, "student")]
     derived = [(ref, f"stage {stage.name!r}") for stage in stages for ref in refs_in(stage.params)]
     for ref, where in named + derived:
         key = repr((ref.model, sorted(ref.options.items())))
-        if key not in seen:
+        if key not in seen and is_model(ref.model):
             seen.add(key)
             yield ref, where
 
