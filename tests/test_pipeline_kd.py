@@ -165,7 +165,9 @@ def test_each_method_family_runs_end_to_end(kd_run, recipe, tag, terms):
     summary, uri, _, root = kd_run
     result = run_experiment(tiny_config(root, *recipe, "mlflow.log_models=false"), tracking_uri=uri)
     stages = {s["name"]: s for s in result["stages"]}
-    assert stages["teacher_cnn"]["reused"] and not stages["distill"]["reused"]
+    # a temperature learned from held-out data carves a meta split out of the training rows: the teachers change too
+    learns_from_held_out = "schedule: meta" in " ".join(recipe)
+    assert stages["teacher_cnn"]["reused"] != learns_from_held_out and not stages["distill"]["reused"]
     run = MlflowClient(uri).get_run(stages["distill"]["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["teacher_outputs"] == tag
     for term in terms:
