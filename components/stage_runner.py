@@ -3,8 +3,10 @@
 The worker function follows Ray's ``train_func(config)`` pattern and works the same with one CPU worker or many GPU
 workers (``ray.num_workers``, ``ray.use_gpu``). Every epoch, rank 0 writes a full checkpoint (model, optimiser,
 scheduler, epoch, RNG, the selection's state, history) through ``ray.train.report``; a failed worker group is
-restarted from it (``FailureConfig(max_failures)``), and a rerun with the same Train run name resumes from it. Rank 0
-also logs the epoch's metrics to the stage's MLflow run. The stage's selected predictor (:mod:`hpmkd.predictors`) is
+restarted from it (``FailureConfig(max_failures)``), and a rerun with the same Train run name resumes from it. The
+epoch's metrics reach the stage's MLflow run from the Train controller (:class:`EpochLogger`), only once the epoch's
+checkpoint is registered: an epoch seen in MLflow is never trained again, and each is logged exactly once however
+often the worker group restarts. The stage's selected predictor (:mod:`hpmkd.predictors`) is
 written from the last checkpoint as ``model.pt``. Rank 0 reports each epoch to the live progress display
 (:mod:`hpmkd.components.progress`), and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics.
 Every rank reports its Ray node, so the stage records where it ran (:mod:`hpmkd.components.placement`); a rank
@@ -61,20 +63,16 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as folder:
             resume = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
-    client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
     splits = ray.get(config["splits"]) if config.get("splits") is not None else None
     fetched = time.time()
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        # Persist the checkpoint first, then record the epoch: an epoch visible in MLflow is always resumable.
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if state is not None:
                 checkpoint.save_atomic(state, Path(folder) / checkpoint.STATE_FILE)
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
-        if client is not None:
-            log_metrics(client, config["run_id"], metrics, step=int(metrics["epoch"]))
         if rank == 0:
             progress.send(config.get("progress"), spec.name, spec.train.epochs, metrics)
 
@@ -127,6 +125,28 @@ def this_node() -> str:
     return f"{node_name(node_id, cluster_nodes())} ({ray.util.get_node_ip_address()}, node id {node_id})"
 
 
+class EpochLogger(ray.train.UserCallback):
+    """Log each epoch's metrics (rank 0's) to the stage's MLflow run, on the Train controller.
+
+    The controller calls ``after_report`` only once every rank has reported and the epoch's checkpoint is registered
+    and saved to storage, so a worker group that dies between reporting and registering retrains that epoch without
+    it having been logged, and one that dies after retrains from the next epoch: every epoch is logged exactly once.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        log_metrics(self._client, self.run_id, metrics[0], step=int(metrics[0]["epoch"]))
+
+
 @dataclass
 class TrainedStage:
     """What a training stage leaves behind: its metrics, where its files are, and where its ranks ran
@@ -165,8 +185,6 @@ def run_training_stage(
         train_loop_config={
             "spec": spec,
             "threads": max(1, int(ray_cfg.cpus_per_worker)),
-            "tracking_uri": tracking_uri,
-            "run_id": run_id,
             "teacher_names": spec.teacher_names,
             "teacher_actors": list(teacher_actors),
             "teacher_cache": list(teacher_cache),
@@ -184,6 +202,7 @@ def run_training_stage(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[EpochLogger(tracking_uri, run_id)] if run_id else None,
         ),
     )
     try:
