@@ -7,13 +7,15 @@ import statistics
 from pathlib import Path
 
 import pytest
+from matplotlib.colors import to_hex
 from matplotlib.image import imread
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from hpmkd.components.report import REPORT_FILE, write_report
 from hpmkd.components.report.records import load_experiments, open_store
-from hpmkd.components.report.sections import compression_points
+from hpmkd.components.report import plots
+from hpmkd.components.report.sections import compression_points, timeline_bars
 from hpmkd.components.tracking import child_runs
 from hpmkd.cli import main
 from hpmkd.config import load_config
@@ -137,6 +139,43 @@ def test_the_timeline_marks_the_reused_stages(store):
     assert reused == {name: f"yes ({run_id})" for name, run_id in first_ids.items()}
     first = store["first"]["parent_run_id"][:6]
     assert {r["reused"] for r in rows if r["pipeline run"].endswith(first)} == {"no"}
+
+
+def test_the_timeline_shows_the_node_each_stage_trained_on(store):
+    """The nodes come from the stage runs' ``placement.nodes`` tags: in the table, and in the figure's fill colours
+    and legend (the session's one Ray node)."""
+    stages = child_runs(store["client"], store["experiment_id"], store["first"]["parent_run_id"])
+    recorded = {name: run.data.tags.get("placement.nodes") for name, run in stages.items()}
+    assert all(recorded.values()), recorded  # every stage of the smoke pipeline trains on Ray Train
+    (node,) = set(recorded.values())
+    timeline = section_text(experiment_text(store["text"], "smoke"), "Stage timeline")
+    first = store["first"]["parent_run_id"][:6]
+    rows = [r for r in table_rows(timeline.split("\n\n", 2)[2]) if r["pipeline run"].endswith(first)]
+    assert {r["stage"]: r["nodes"] for r in rows} == recorded
+
+    (smoke,) = load_experiments(open_store(store["uri"]), ["smoke"])
+    mine = [p for p in smoke.pipelines if p.run_id == store["first"]["parent_run_id"]]
+    bars, _ = timeline_bars(mine)
+    assert {b.row.split(" · ")[-1]: b.nodes for b in bars} == {name: (node,) for name in recorded}
+    ax = plots.timeline_figure(bars).axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0] == node and "finished" in legend and plots.NO_NODE not in legend
+    colour = plots.node_colours(bars)[node]
+    assert {to_hex(p.get_facecolor()[:3]) for p in ax.patches} == {to_hex(colour)}
+
+
+def test_a_stage_on_several_nodes_is_split_into_a_strip_per_node():
+    bars = [plots.Bar("a", 0.0, 5.0, "FINISHED", False, ("head", "node1")),
+            plots.Bar("b", 1.0, 3.0, "FAILED", False, ("node1",)),
+            plots.Bar("c", 2.0, 4.0, "KILLED", True, ())]
+    ax = plots.timeline_figure(bars).axes[0]
+    colours = plots.node_colours(bars)
+    fills = [(to_hex(p.get_facecolor()[:3]), round(p.get_height(), 3), p.get_hatch()) for p in ax.patches]
+    assert fills == [(to_hex(colours["head"]), 0.4, None), (to_hex(colours["node1"]), 0.4, None),
+                     (to_hex(colours["node1"]), 0.8, "xx"), (to_hex(plots.NO_NODE_COLOUR), 0.8, "..//")]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["head", "node1", plots.NO_NODE, "finished",
+                                                                    "failed", "killed", "reused"]
+    assert to_hex(ax.patches[2].get_edgecolor()[:3]) == to_hex("tab:red")
 
 
 def test_the_failed_run_is_listed_with_its_error(store):

@@ -18,8 +18,14 @@ from matplotlib.ticker import MaxNLocator
 
 #: marker per stage role (see ``records.STAGE_ROLES``)
 ROLE_MARKERS = {"teacher": "^", "student alone": "s", "distilled": "o"}
-#: bar colour per run status in the timeline
-STATUS_COLOURS = {"FINISHED": "tab:blue", "FAILED": "tab:red", "KILLED": "tab:gray", "RUNNING": "tab:orange"}
+#: how a run's status shows on a timeline bar (whose fill is its node): edge colour, edge width, hatch
+STATUS_STYLES = {"FINISHED": ("black", 0.5, ""), "FAILED": ("tab:red", 2.0, "xx"), "KILLED": ("dimgray", 2.0, ".."),
+                 "RUNNING": ("tab:orange", 2.0, "")}
+OTHER_STATUS = ("tab:purple", 2.0, "")
+#: fill and legend entry of a stage run that recorded no node (it trained nothing on Ray Train, or was reused)
+NO_NODE_COLOUR = "lightgray"
+NO_NODE = "no node recorded"
+REUSED_HATCH = "//"
 DPI = 110
 
 
@@ -62,6 +68,7 @@ class Bar:
     end_s: float
     status: str
     reused: bool
+    nodes: tuple[str, ...] = ()  # the node(s) it ran on (its Train workers'); () when none were recorded
 
 
 @dataclass(frozen=True)
@@ -114,22 +121,47 @@ def series_panels(panels: list[Panel], path: Path, ylabel: str) -> Path:
 
 
 def timeline(bars: list[Bar], path: Path) -> Path:
-    """Gantt-like bars, top to bottom in the given order; colour = status, hatched = reused from an earlier run."""
+    """:func:`timeline_figure` saved to ``path``."""
+    return save(timeline_figure(bars), path)
+
+
+def node_colours(bars: list[Bar]) -> dict[str, str]:
+    """One colour per node named by any bar, in name order (stable across reports of the same cluster)."""
+    return {node: f"C{i % 10}" for i, node in enumerate(sorted({n for b in bars for n in b.nodes}))}
+
+
+def timeline_figure(bars: list[Bar]) -> Figure:
+    """Gantt-like bars, top to bottom in the given order. Fill = the node the stage ran on; a stage on several nodes
+    is split lengthwise into one strip per node; grey = no node recorded. Status = the edge (thin black: finished;
+    thick red and cross-hatched: failed; thick grey and dotted: killed; thick orange: still running). Hatched ``//``
+    and faded = reused from an earlier run. The legend names every node, then the statuses and reuse shown."""
     fig = Figure(figsize=(9, 1.2 + 0.35 * len(bars)), layout="constrained")
     ax = fig.add_subplot()
+    colours = node_colours(bars)
     for y, bar in enumerate(bars):
-        ax.barh(y, max(bar.end_s - bar.start_s, 0.0), left=bar.start_s,
-                color=STATUS_COLOURS.get(bar.status, "tab:purple"), hatch="//" if bar.reused else None,
-                alpha=0.5 if bar.reused else 0.9, edgecolor="black", linewidth=0.5)
+        edge, width, hatch = STATUS_STYLES.get(bar.status, OTHER_STATUS)
+        strips = bar.nodes or (None,)
+        height = 0.8 / len(strips)
+        for i, node in enumerate(strips):
+            ax.barh(y - 0.4 + height * (i + 0.5), max(bar.end_s - bar.start_s, 0.0), height=height, left=bar.start_s,
+                    facecolor=colours.get(node, NO_NODE_COLOUR), edgecolor=edge, linewidth=width,
+                    hatch=(hatch + (REUSED_HATCH if bar.reused else "")) or None, alpha=0.5 if bar.reused else 0.9)
     ax.set_yticks(range(len(bars)), [f"{b.row} (reused)" if b.reused else b.row for b in bars], fontsize="small")
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the pipeline run started")
     ax.grid(True, axis="x", alpha=0.3)
-    handles = [Patch(color=c, label=s) for s, c in STATUS_COLOURS.items() if any(b.status == s for b in bars)]
+    handles = [Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=n) for n, c in colours.items()]
+    if any(not b.nodes for b in bars):
+        handles.append(Patch(facecolor=NO_NODE_COLOUR, edgecolor="black", linewidth=0.5, label=NO_NODE))
+    for status in dict.fromkeys(b.status for b in bars):
+        edge, width, hatch = STATUS_STYLES.get(status, OTHER_STATUS)
+        handles.append(Patch(facecolor="white", edgecolor=edge, linewidth=width, hatch=hatch or None,
+                             label=status.lower()))
     if any(b.reused for b in bars):
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="reused"))
-    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save(fig, path)
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch=REUSED_HATCH, label="reused"))
+    ax.legend(handles=handles, fontsize="small", title="node · status", title_fontsize="small", loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    return fig
 
 
 def spreads(groups: list[Spread], path: Path, ylabel: str, reference: float | None = None) -> Path:

@@ -3,7 +3,8 @@
 An experiment's runs are of two kinds (see :mod:`hpmkd.components.tracking`): pipeline runs (tag ``kind=pipeline``: one
 per ``hpmkd run``, with the flattened config as params and ``student_test_acc``, ``retention``, ``compression``,
 ``wall_s`` as metrics) and stage runs nested under them (tag ``kind=stage``, with ``stage``, ``stage_kind``,
-``reused``/``reused_from`` tags and the stage's final metrics). Per-epoch series are read on demand with
+``reused``/``reused_from`` tags, the ``placement.nodes`` tag of the node(s) it trained on
+(:mod:`hpmkd.components.placement`) and the stage's final metrics). Per-epoch series are read on demand with
 :func:`series`.
 """
 
@@ -38,6 +39,7 @@ class StageRecord:
     metrics: dict[str, float]
     reused_from: str | None
     error: str | None
+    nodes: tuple[str, ...] = ()  # the nodes its Ray Train workers ran on; () when none were recorded
 
     @property
     def role(self) -> str:
@@ -155,6 +157,7 @@ def stage_record(run: Any) -> StageRecord:
         metrics=dict(run.data.metrics),
         reused_from=tags.get("reused_from") if tags.get("reused") == "true" else None,
         error=tags.get("error"),
+        nodes=tuple(n for n in tags.get("placement.nodes", "").split(",") if n),
     )
 
 

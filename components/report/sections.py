@@ -276,18 +276,29 @@ def timeline_section(exp: ExperimentRecords, ctx: ReportContext) -> str:
     pipelines, note = newest([p for p in exp.pipelines if p.stages], MAX_TIMELINE_RUNS)
     if not pipelines:
         return "No stage runs recorded."
+    bars, rows = timeline_bars(pipelines)
+    path = plots.timeline(bars, ctx.figure(exp, "timeline"))
+    return (f"Each stage run from its start to its end, per pipeline run{note}, coloured by the Ray node its "
+            f"training ran on (tag `placement.nodes`; a stage whose workers sat on several nodes is split into one "
+            f"strip per node; grey: no node recorded); the edge shows the status (red and crossed: failed; grey and "
+            f"dotted: killed); hatched, faded bars were reused from an earlier run with the same content key.\n\n"
+            + image(path, "stage timeline") + "\n\n"
+            + markdown_table(["pipeline run", "stage", "kind", "status", "nodes", "start (s)", "wall (s)", "reused"],
+                             rows))
+
+
+def timeline_bars(pipelines: list[PipelineRecord]) -> tuple[list[Bar], list[list[str]]]:
+    """The timeline's bars (seconds since each pipeline run's start, the stage's status, reuse and nodes) and the
+    rows of its table, one per stage run of ``pipelines``."""
     now = int(time.time() * 1000)
     bars, rows = [], []
     for p in pipelines:
         for s in p.stages:
             start, end = (s.start_ms - p.start_ms) / 1000, ((s.end_ms or now) - p.start_ms) / 1000
-            bars.append(Bar(f"{p.label} · {s.name}", start, end, s.status, s.reused))
-            rows.append([p.label, s.name, s.kind, s.status, f"{start:.1f}", f"{end - start:.1f}",
-                         f"yes ({s.reused_from[:8]})" if s.reused_from else "no"])
-    path = plots.timeline(bars, ctx.figure(exp, "timeline"))
-    return (f"Each stage run from its start to its end, per pipeline run{note}; hatched bars were reused from an "
-            f"earlier run with the same content key.\n\n" + image(path, "stage timeline") + "\n\n"
-            + markdown_table(["pipeline run", "stage", "kind", "status", "start (s)", "wall (s)", "reused"], rows))
+            bars.append(Bar(f"{p.label} · {s.name}", start, end, s.status, s.reused, s.nodes))
+            rows.append([p.label, s.name, s.kind, s.status, ", ".join(s.nodes) or "-", f"{start:.1f}",
+                         f"{end - start:.1f}", f"yes ({s.reused_from[:8]})" if s.reused_from else "no"])
+    return bars, rows
 
 
 @section("Failed and killed runs")
