@@ -97,11 +97,29 @@ class DataConfig:
         if not self.root.strip():
             raise ConfigError(f"{path}: empty. Remove the key (or set it to null) to search $HPMKD_DATA and the "
                               f"system folder, or give the folder that holds the data set.")
+        from hpmkd.data.storage import is_uri
+
+        if is_uri(self.root):
+            self.check_root_uri(path)
+            return
         folder = Path(self.root).expanduser().resolve()
         if not self.download and not folder.is_dir():
             raise ConfigError(f"{path}: folder {self.root!r} does not exist ({folder}). Give the folder that holds "
                               f"the data set, set data.download: true to fetch it there, or remove data.root.")
         self.root = str(folder)
+
+    def check_root_uri(self, path: str) -> None:
+        """A ``root`` on shared storage (a file-system URI, :mod:`hpmkd.data.storage`): its file system opens here
+        and the folder exists; downloads need a local folder."""
+        from hpmkd.data.storage import data_path
+
+        if self.download:
+            raise ConfigError(f"{path}: {self.root!r} is a URI, and data.download writes to a local folder. Download "
+                              f"once into a local folder (data.root: /path/to/folder, data.download: true), copy it to "
+                              f"the shared storage, then set {path} to its URI with data.download: false.")
+        if not data_path(self.root, path).is_dir():
+            raise ConfigError(f"{path}: no folder at {self.root!r} on its file system. Give the URI of the folder "
+                              f"that holds the data set (every node reads it), or a local folder.")
 
     def loader_kwargs(self, seed: int) -> dict[str, Any]:
         """Keyword arguments for :func:`hpmkd.data.load_dataset` in an experiment of seed ``seed``."""
@@ -648,12 +666,13 @@ def check_names(cfg: ExperimentConfig) -> None:
     """Validate every registry name and option of the core sections (models, data set, training, the ``distill``
     recipe); sections check their own in ``check_with``."""
     from hpmkd.data import AUGMENTATIONS, DATASETS
-    from hpmkd.data.base import absolute_paths
+    from hpmkd.data.base import absolute_paths, check_path_options
     from hpmkd.pipelines import PIPELINES
 
     PIPELINES.get(cfg.pipeline, "pipeline")
     DATASETS.check_options(cfg.data.name, cfg.data.options, "data.options")
     cfg.data.options = absolute_paths(cfg.data.name, cfg.data.options)
+    check_path_options(cfg.data.name, cfg.data.options)
     AUGMENTATIONS.get(cfg.data.augment, "data.augment")
     check_train(cfg.train, "train")
     for i, teacher in enumerate(cfg.teachers):

@@ -5,6 +5,8 @@
   ``table`` (a CSV or Parquet file), ``synthetic`` (``make_classification``);
   ``image_folder`` (the user's own images, streamed from disk: :mod:`hpmkd.data.image_folder`);
   ``gaussian_mixture`` (synthetic, with known class probabilities);
+* :mod:`hpmkd.data.storage`: ``data.root`` (and a table's path) as a local folder or a file-system URI on shared
+  storage (``file://``, ``s3://``, ``gs://``, ``hdfs://``, ``abfs://``: pyarrow's file systems);
 * :func:`iterate_batches`: DistributedSampler-style ``(x, y, index)`` batches by tensor indexing;
 * :data:`AUGMENTATIONS` / :func:`augment`: ``none``, ``flip``, ``crop_flip``.
 """

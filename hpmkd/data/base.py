@@ -16,6 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from hpmkd.data.batching import iterate_batches
+from hpmkd.data.storage import UriPath, check_location, data_path, is_uri
 from hpmkd.models.ref import DataShape
 from hpmkd.registry import Registry
 
@@ -124,18 +125,19 @@ class Preprocessing(Protocol):
         constants)."""
 
 
-def search_dirs(root: str | None, *subdirs: str, system: str | None = None) -> list[Path]:
+def search_dirs(root: str | None, *subdirs: str, system: str | None = None) -> list[Path | UriPath]:
     """Folders to look in: ``root`` and ``root/<subdir>`` when ``data.root`` is given, and nothing else (a given
     root that lacks the data is an error, never a silent switch to another copy); otherwise the same under
-    ``$HPMKD_DATA``, then ``system``."""
+    ``$HPMKD_DATA``, then ``system``. A root may be a URI on shared storage (:mod:`hpmkd.data.storage`)."""
     bases = [root] if root is not None else [b for b in (os.environ.get(DATA_ENV),) if b]
-    dirs = [Path(b).expanduser() / s for b in bases for s in ("", *subdirs)]
+    key = "data.root" if root is not None else f"${DATA_ENV}"
+    dirs = [data_path(b, key) / s for b in bases for s in ("", *subdirs)]
     if system and root is None:
         dirs.append(Path(system))
     return list(dict.fromkeys(dirs))
 
 
-def where_searched(root: str | None, dirs: list[Path]) -> str:
+def where_searched(root: str | None, dirs: list[Path | UriPath]) -> str:
     """One line saying where a data set was looked for (for not-found messages)."""
     given = f"data.root {root!r}" if root is not None else f"${DATA_ENV} and the system folder"
     return f"searched {given}: {', '.join(str(d) for d in dirs) or '(no folder: neither is set)'}"
@@ -143,7 +145,14 @@ def where_searched(root: str | None, dirs: list[Path]) -> str:
 
 def absolute_paths(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` of data set ``name`` with its file-path options (the factory's ``path_options``) made absolute
-    against the current folder, where the config is read (Ray workers run in other folders)."""
+    against the current folder, where the config is read (Ray workers run in other folders); a URI stays as it is."""
     keys = getattr(DATASETS.get(name, "data.name"), "path_options", ())
-    return {k: (str(Path(v).expanduser().resolve()) if k in keys and isinstance(v, str) else v)
+    return {k: (str(Path(v).expanduser().resolve()) if k in keys and isinstance(v, str) and not is_uri(v) else v)
             for k, v in options.items()}
+
+
+def check_path_options(name: str, options: dict[str, Any]) -> None:
+    """Before anything trains: every file-system URI among the data set's file-path options opens
+    (:func:`hpmkd.data.storage.check_location`)."""
+    for key in getattr(DATASETS.get(name, "data.name"), "path_options", ()):
+        check_location(options.get(key), f"data.options.{key}")

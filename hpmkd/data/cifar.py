@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hpmkd.data.base import DATA_ENV, DATASETS, DatasetNotFoundError, RawData, search_dirs, where_searched
+from hpmkd.data.storage import UriPath
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class CifarUnpickler(pickle.Unpickler):
         return found()
 
 
-def read_pickle(path: Path) -> dict:
+def read_pickle(path: Path | UriPath) -> dict:
     """The dict a CIFAR pickle holds, read without running code: arrays, lists, strings and numbers only."""
     try:
         with path.open("rb") as f:
@@ -128,7 +129,7 @@ def read_pickle(path: Path) -> dict:
     return data
 
 
-def batch_arrays(batch: dict, path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def batch_arrays(batch: dict, path: Path | UriPath, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """``data`` as uint8 ``[N, 3, 32, 32]`` and the labels as int64 ``[N]``, checked against the format."""
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
@@ -144,17 +145,17 @@ def batch_arrays(batch: dict, path: Path, label_key: str) -> tuple[np.ndarray, n
     return data.reshape(-1, 3, 32, 32), y
 
 
-def read_part(folder: Path, files: tuple[str, ...], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def read_part(folder: Path | UriPath, files: tuple[str, ...], label_key: str) -> tuple[np.ndarray, np.ndarray]:
     parts = [batch_arrays(read_pickle(folder / name), folder / name, label_key) for name in files]
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
-def is_complete(folder: Path, layout: CifarLayout) -> bool:
+def is_complete(folder: Path | UriPath, layout: CifarLayout) -> bool:
     names = (*layout.train_files, *layout.test_files, layout.meta_file)
     return all((folder / name).is_file() for name in names)
 
 
-def find_folder(root: str | None, layout: CifarLayout) -> tuple[Path | None, list[Path]]:
+def find_folder(root: str | None, layout: CifarLayout) -> tuple[Path | UriPath | None, list[Path | UriPath]]:
     dirs = [d / layout.folder for d in search_dirs(root)]
     return next((d for d in dirs if is_complete(d, layout)), None), dirs
 
@@ -172,7 +173,7 @@ def download_files(root: str | None, layout: CifarLayout) -> None:
     getattr(torchvision.datasets, layout.torchvision_class)(target, train=True, download=True)
 
 
-def not_found(layout: CifarLayout, root: str | None, dirs: list[Path]) -> DatasetNotFoundError:
+def not_found(layout: CifarLayout, root: str | None, dirs: list[Path | UriPath]) -> DatasetNotFoundError:
     if not dirs:
         return DatasetNotFoundError(
             f"{layout.name}: no data folder is set. Set data.root (or ${DATA_ENV}) to the folder that contains "
@@ -208,7 +209,7 @@ def load_cifar(layout: CifarLayout, root: str | None = None, download: bool = Fa
     )
 
 
-def class_names(path: Path, key: str) -> list[str]:
+def class_names(path: Path | UriPath, key: str) -> list[str]:
     names = read_pickle(path).get(key)
     if not isinstance(names, list) or not all(isinstance(n, (str, bytes)) for n in names):
         raise CifarFormatError(f"{path}: {key!r} must be a list of class names; replace the file with the original.")

@@ -13,6 +13,7 @@ import numpy as np
 
 from hpmkd.data.base import DATA_ENV, DATASETS, DatasetNotFoundError, RawData, search_dirs, where_searched
 from hpmkd.data.idx import read_idx
+from hpmkd.data.storage import UriPath
 
 SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 SUBDIRS = ("fashion-mnist", "FashionMNIST/raw")  # our folder name; torchvision's download layout
@@ -26,14 +27,14 @@ CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
 MEAN, STD = (0.2860,), (0.3530,)
 
 
-def find_file(folder: Path, stem: str) -> Path | None:
+def find_file(folder: Path | UriPath, stem: str) -> Path | UriPath | None:
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
             return folder / name
     return None
 
 
-def find_folder(dirs: list[Path]) -> tuple[Path, dict[str, Path]] | None:
+def find_folder(dirs: list[Path | UriPath]) -> tuple[Path | UriPath, dict[str, Path | UriPath]] | None:
     """The first folder of ``dirs`` that holds all four files, with their paths."""
     for folder in dirs:
         paths = {key: find_file(folder, stem) for key, stem in FILES.items()}
@@ -56,7 +57,7 @@ def download_files(root: str | None) -> None:
         FashionMNIST(target, train=train, download=True)
 
 
-def not_found(root: str | None, dirs: list[Path]) -> DatasetNotFoundError:
+def not_found(root: str | None, dirs: list[Path | UriPath]) -> DatasetNotFoundError:
     stems = ", ".join(f"{s}[.gz]" for s in FILES.values())
     fixes = ("point data.root at the folder that holds the four files, or set data.download: true to fetch them there"
              if root is not None else
@@ -97,7 +98,7 @@ def to_model(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float32) / 255.0)[:, None, :, :]
 
 
-def check_shapes(arrays: dict[str, np.ndarray], folder: Path) -> None:
+def check_shapes(arrays: dict[str, np.ndarray], folder: Path | UriPath) -> None:
     for part in ("train", "test"):
         x, y = arrays[f"{part}_x"], arrays[f"{part}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):

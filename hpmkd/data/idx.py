@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hpmkd.data.storage import UriPath, read_bytes
+
 #: IDX type byte -> NumPy dtype (big-endian where it matters).
 IDX_TYPES = {
     0x08: np.dtype(np.uint8),
@@ -28,10 +30,10 @@ class IdxFormatError(ValueError):
     """A file is not a valid IDX file; the message names the file and what is wrong."""
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """The array stored in the IDX file ``path`` (plain or gzip), with the shape given by its header."""
-    path = Path(path)
-    data = path.read_bytes()
+def read_idx(path: str | Path | UriPath) -> np.ndarray:
+    """The array stored in the IDX file ``path`` (plain or gzip; a local path or a file-system URI,
+    :mod:`hpmkd.data.storage`), with the shape given by its header."""
+    data = read_bytes(path)
     if data[:2] == GZIP_MAGIC:
         try:
             data = zlib.decompress(data, wbits=16 + zlib.MAX_WBITS)

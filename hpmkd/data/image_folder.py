@@ -1,7 +1,8 @@
 """``image_folder``: the user's own images, one sub-folder per class, decoded from disk while training.
 
-Layouts of ``data.root`` (class folders hold image files, any depth below them; the extensions of
-:data:`IMAGE_EXTENSIONS`):
+Layouts of ``data.root`` (a local folder, or a file-system URI on shared storage whose files every node reads,
+:mod:`hpmkd.data.storage`: then each file is named by its URI; class folders hold image files, any depth below them;
+the extensions of :data:`IMAGE_EXTENSIONS`):
 
 * ``train/<class>/…``, with ``val/<class>/…`` and ``test/<class>/…`` where the user has fixed those splits: a split
   without its folder is drawn from ``train`` (the test split first, ``test_fraction``, then the validation split,
@@ -33,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,10 +44,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from hpmkd.data import storage
 from hpmkd.data.base import DATASETS, DataSplits
 from hpmkd.data.batching import epoch_order
 from hpmkd.data.fingerprint import fingerprint as data_fingerprint
 from hpmkd.data.splits import stratified_take, stream_rng, subset
+from hpmkd.data.storage import UriPath
 from hpmkd.registry import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -79,18 +81,18 @@ def scan_file(path: str, mode: str) -> FileInfo:
     :class:`UnreadableImageError` naming it when it is not an image PIL can open and verify."""
     from PIL import Image
 
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns, mode)
+    size, mtime_ns = storage.stat(path)
+    key = (path, size, mtime_ns, mode)
     if key in SCANNED:
         return SCANNED[key]
     try:
         if mode == "content":
-            data = Path(path).read_bytes()
+            data = storage.read_bytes(path)
             digest = hashlib.sha256(data).hexdigest()
             source: Any = io.BytesIO(data)
         else:
-            digest = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-            source = path
+            digest = hashlib.sha256(f"{path}:{size}:{mtime_ns}".encode()).hexdigest()
+            source = storage.readable(path)
         with Image.open(source) as image:
             size = image.size
             image.verify()
@@ -101,10 +103,9 @@ def scan_file(path: str, mode: str) -> FileInfo:
     return SCANNED[key]
 
 
-def image_files(folder: Path) -> list[str]:
-    """The image files under ``folder`` (any depth), sorted."""
-    found = [str(Path(d) / f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
+def image_files(folder: Path | UriPath) -> list[str]:
+    """The image files under ``folder`` (any depth; local paths or URIs), sorted."""
+    return sorted(f for f in storage.walk_files(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 @dataclass
@@ -115,11 +116,11 @@ class FolderPart:
     labels: np.ndarray
 
 
-def class_folders(folder: Path) -> list[str]:
+def class_folders(folder: Path | UriPath) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def read_part(folder: Path, classes: list[str]) -> FolderPart:
+def read_part(folder: Path | UriPath, classes: list[str]) -> FolderPart:
     """The files of ``folder``'s class sub-folders; every sub-folder must be one of ``classes`` and hold images."""
     files, labels = [], []
     for name in class_folders(folder):
@@ -137,7 +138,7 @@ def read_part(folder: Path, classes: list[str]) -> FolderPart:
     return FolderPart(files, np.asarray(labels, dtype=np.int64))
 
 
-def read_layout(root: Path) -> tuple[list[str], dict[str, FolderPart]]:
+def read_layout(root: Path | UriPath) -> tuple[list[str], dict[str, FolderPart]]:
     """Class names and the parts found (``train``, and ``val`` / ``test`` when their folders exist)."""
     if not root.is_dir():
         raise ConfigError(f"data.root: {str(root)!r} is not a folder. image_folder reads <root>/<class>/<image> or "
@@ -173,7 +174,7 @@ class Preprocess:
 
         resample = getattr(Image.Resampling, self.interpolation.upper())
         try:
-            with Image.open(path) as image:
+            with Image.open(storage.readable(path)) as image:
                 image = image.convert("RGB" if self.channels == 3 else "L")
                 if self.resize is not None:
                     image = image.resize(resized(image.size, self.resize), resample)
@@ -304,7 +305,7 @@ def model_preprocessing(name: str) -> dict[str, Any]:
 class ImageFolderData:
     """A scanned folder, ready to be split (what the ``image_folder`` factory returns instead of ``RawData``)."""
 
-    root: Path
+    root: Path | UriPath
     classes: list[str]
     parts: dict[str, FolderPart]
     infos: dict[str, FileInfo]
@@ -436,12 +437,14 @@ def image_folder(root: str | None = None, resize: int | list[int] | None = None,
         raise ConfigError(f"data.options.mean / std: give both, {channels} value(s) each; got {mean}, {std}.")
     if std is not None and any(s <= 0 for s in std):
         raise ConfigError(f"data.options.std: every value must be > 0, got {std}.")
-    classes, parts = read_layout(Path(root).expanduser().resolve())
+    folder = storage.data_path(root)
+    folder = folder if isinstance(folder, UriPath) else folder.resolve()
+    classes, parts = read_layout(folder)
     files = [f for part in parts.values() for f in part.files]
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
         infos = dict(zip(files, pool.map(lambda f: scan_file(f, fingerprint), files)))
     preprocess = Preprocess(channels, size, cut, interpolation, tuple(mean or (0.0,) * channels),
                             tuple(std or (1.0,) * channels))
     check_sizes(parts, infos, preprocess)
-    return ImageFolderData(Path(root).expanduser().resolve(), classes, parts, infos, preprocess, mean is None,
+    return ImageFolderData(folder, classes, parts, infos, preprocess, mean is None,
                            workers, test_fraction, stats_images, {k: v for k, v in options.items() if v is not None})

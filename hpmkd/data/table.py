@@ -26,12 +26,12 @@ through the same table path: for tests and scale checks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from hpmkd.data.base import DATASETS, RawData
+from hpmkd.data.storage import arrow_input, data_path
 from hpmkd.registry import ConfigError, did_you_mean
 
 #: file suffix -> reader
@@ -54,18 +54,20 @@ class Column:
 
 def read_file(path: str, key: str = "data.options.path") -> Any:
     """A CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) file as a pyarrow table; empty fields and
-    the usual null markers (``NA``, ``NaN``, ``null``) are missing values."""
+    the usual null markers (``NA``, ``NaN``, ``null``) are missing values. ``path`` may be a file-system URI
+    (:mod:`hpmkd.data.storage`)."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    file = Path(path).expanduser()
+    file = data_path(path, key)
     if not file.is_file():
         raise ConfigError(f"{key}: file {str(file)!r} does not exist.")
     name = file.name.lower()
     if name.endswith((".parquet", ".pq")):
-        return pq.read_table(file)
+        return pq.read_table(arrow_input(file, stream=False))
     if name.endswith((".csv", ".csv.gz")):
-        return pcsv.read_csv(file, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+        return pcsv.read_csv(arrow_input(file, stream=True),
+                             convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
     raise ConfigError(f"{key}: {file.name!r} is neither a CSV (.csv) nor a Parquet (.parquet, .pq) file.")
 
 
