@@ -2,9 +2,9 @@
 Data ``map_batches`` over an actor pool of each teacher (``ray.cache_fill: ray_data``); side by side in one run, on
 the same data and teachers, on a one-node Ray cluster and on a two-node one with the same CPUs in all.
 
-    python benchmarks/cache_fill.py [--quick] [--train 4096] [--teachers 2] [--rounds 2]
+    python benchmarks/cache_fill.py [--quick] [--train 4096] [--rounds 2]
 
-Teachers: ``cnn_small`` with a full-resolution stem (as in ``teacher_cache.py``), randomly initialised, one actor of
+Teachers: two ``cnn_small`` with a full-resolution stem (as in ``teacher_cache.py``), randomly initialised, one actor of
 one CPU (one thread) each in both fills. Data: the first ``--train`` Fashion-MNIST training images. The clusters
 are ``ray.cluster_utils.Cluster`` s of real raylets on this machine: one node of 2 CPUs, then a head and a worker
 node of 1 CPU each (so each teacher's actor has a node of its own). The cache root is one folder both nodes see.
@@ -16,7 +16,6 @@ Last line: ``ray_data_over_actors_2_nodes=<median ray_data fill s / median actor
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -32,9 +31,10 @@ from hpmkd.config import RayConfig
 from hpmkd.data import DataSplits
 from hpmkd.logit_cache import CachedLogits
 from hpmkd.teachers import TeacherSpec
-from kd_setup import data_config, load, save_teachers
+from kd_setup import data_config, images_and_rounds, load, save_teachers
 
 FILLS = ("actors", "ray_data")
+TEACHERS = 2
 OBJECT_STORE = 200 * 1024**2
 
 
@@ -84,17 +84,11 @@ def measure(nodes: int, rounds: int, specs, weights, splits, tmp: Path) -> dict[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2,048 images, 1 round")
-    ap.add_argument("--train", type=int, default=4096, help="training images")
-    ap.add_argument("--teachers", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-    train, rounds = (2048, 1) if args.quick else (args.train, args.rounds)
+    train, rounds = images_and_rounds(__doc__, 4096, 2, (2048, 1), "2,048 images, 1 round")
     splits = load(data_config(train))
     with tempfile.TemporaryDirectory(prefix="hpmkd-cache-fill-") as folder:
         tmp = Path(folder)
-        specs, weights, _ = save_teachers(args.teachers, tmp / "teachers")
+        specs, weights, _ = save_teachers(TEACHERS, tmp / "teachers")
         print(f"{len(splits.train)} images x {len(specs)} teachers ({specs[0].model.model}), {rounds} round(s)")
         results = {nodes: measure(nodes, rounds, specs, weights, splits, tmp) for nodes in (1, 2)}
     print("\n| cluster | actors fill s | ray_data fill s | ray_data / actors |\n|---|---|---|---|")

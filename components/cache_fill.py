@@ -43,7 +43,7 @@ from hpmkd.components.teacher_service import TeacherPool, release, start_teacher
 from hpmkd.config import RayConfig
 from hpmkd.data.source import BatchSource
 from hpmkd.data.views import ViewBank
-from hpmkd.logit_cache import CachedLogits, CacheKey, entry_path, lookup, write_entry
+from hpmkd.logit_cache import CacheEntryError, CachedLogits, CacheKey, entry_path, lookup, write_entry
 from hpmkd.registry import Registry
 from hpmkd.teachers import TeacherSpec, provider_for
 
@@ -124,13 +124,20 @@ class TeacherShards:
 
 
 def assemble(root: str, key: CacheKey, rows: int) -> None:
-    """Write ``key``'s entry from its verified shards (exactly what the actor fill writes), then delete them."""
-    shards = [CachedLogits(entry_path(root, shard_key(key, start, stop))) for start, stop in chunk_bounds(rows)]
+    """Write ``key``'s entry from its verified shards (exactly what the actor fill writes), then delete them. A
+    fill running beside this one (another stage with the same teacher) may have assembled it and removed the
+    shards first: then its entry is taken."""
+    try:
+        shards = [CachedLogits(entry_path(root, shard_key(key, start, stop))) for start, stop in chunk_bounds(rows)]
+    except CacheEntryError:
+        if lookup(root, key) is not None:
+            return
+        raise
     logits = np.concatenate([s.values for s in shards])
     features = {tap: np.concatenate([s.feature_values[tap] for s in shards]) for tap in key.taps}
     write_entry(root, key, logits, features)
     for shard in shards:
-        shard.path.unlink()
+        shard.path.unlink(missing_ok=True)
 
 
 @dataclass

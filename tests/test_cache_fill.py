@@ -112,6 +112,17 @@ def test_an_interrupted_fill_reuses_its_shards(ray_session, tmp_path, digits, te
     assert [e.key for e in list_entries(root)] == [key]
 
 
+def test_auto_fills_with_the_actors_on_one_node(ray_session, teachers):
+    from hpmkd.components.cache_fill import ActorFill, start_fill
+
+    specs, paths = teachers
+    fill = start_fill(RayConfig(cache_fill="auto"), specs[:1], paths[:1])
+    try:
+        assert isinstance(fill, ActorFill) and fill.kind == "actors" and len(fill.pools) == 1
+    finally:
+        fill.release()
+
+
 def test_every_fill_name_is_registered():
     from hpmkd.components.cache_fill import FILLS
 
