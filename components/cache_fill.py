@@ -62,10 +62,9 @@ class CacheFill(Protocol):
 
 @dataclass
 class ActorFill:
-    """The actor fill: the teacher pools started for it (or given, and then left running)."""
+    """The actor fill: the teacher pools started for it, ended by :meth:`release`."""
 
     pools: list[TeacherPool]
-    owned: bool = True
     kind: ClassVar[str] = "actors"
 
     def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
@@ -73,8 +72,7 @@ class ActorFill:
         fill(self.pools, source, views, todo, keys, root, dtype, taps)
 
     def release(self) -> None:
-        if self.owned:
-            release(self.pools)
+        release(self.pools)
         self.pools = []
 
 
