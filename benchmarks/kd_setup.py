@@ -10,6 +10,7 @@ as a Ray Train worker with ``cpus_per_worker: 1`` does.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -84,6 +85,17 @@ def print_costs(costs: dict[str, float], minimum: float = 10.0) -> None:
           f"Teacher forward = {ratio:.0f}x a student training step in FLOPs, "
           f"{costs['teacher_fwd_ms'] / costs['student_step_ms']:.1f}x measured")
     assert ratio >= minimum, f"each teacher must cost >= {minimum}x the student, got {ratio:.1f}x"
+
+
+def images_and_rounds(doc: str, train: int, rounds: int, quick: tuple[int, int], quick_help: str) -> tuple[int, int]:
+    """A benchmark timed in rounds: its ``--train`` images and ``--rounds`` from the command line (defaults ``train``
+    and ``rounds``), or ``quick`` with ``--quick``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--train", type=int, default=train, help="training images")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    args = ap.parse_args()
+    return quick if args.quick else (args.train, args.rounds)
 
 
 def data_config(max_train: int, augment: str = "none") -> DataConfig:

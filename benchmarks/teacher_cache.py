@@ -15,7 +15,6 @@ Last line: ``cache_speedup=<online epoch time / cache epoch time>``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,19 +24,14 @@ import ray
 from hpmkd.components.logit_cache import CachedTeachers
 from hpmkd.components.teacher_service import ActorTeachers, release
 from hpmkd.teachers import LocalTeachers
-from kd_setup import (cost_ratios, data_config, distill_spec, epoch_seconds, fill_cache, first_batch_loss, load,
-                      print_costs, save_teachers, start_ray, start_teachers)
+from kd_setup import (cost_ratios, data_config, distill_spec, epoch_seconds, fill_cache, first_batch_loss,
+                      images_and_rounds, load, print_costs, save_teachers, start_ray, start_teachers)
 
 TEACHERS = 3
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2,000 training images, 2 rounds (under 3 minutes)")
-    ap.add_argument("--train", type=int, default=10000, help="training images")
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    train, rounds = (2000, 2) if args.quick else (args.train, args.rounds)
+    train, rounds = images_and_rounds(__doc__, 10000, 3, (2000, 2), "2,000 training images, 2 rounds (under 3 minutes)")
 
     print_costs(cost_ratios())
     data = data_config(train)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
@@ -81,7 +81,7 @@ class EntryBuffer:
 
 
 def ensure_cached(
-    pools: list[TeacherPool],
+    filler: list[TeacherPool] | Callable[..., None],
     specs: list[TeacherSpec],
     weights: list[str],
     source: BatchSource,
@@ -97,8 +97,9 @@ def ensure_cached(
 ) -> list[list[CacheUse]]:
     """Make sure every teacher has an entry for every view of ``source`` (a split's rows, in order); compute the
     missing ones. ``taps[i]``: the feature taps stored with teacher ``i``'s logits; ``stored[i]``: teacher ``i``'s
-    own stored outputs on these rows (module docstring), written as its entry instead. Returns
-    ``uses[view][teacher]``."""
+    own stored outputs on these rows (module docstring), written as its entry instead. ``filler`` computes the
+    missing entries: the teachers' pools (:func:`fill`, the actor fill) or any
+    :class:`hpmkd.components.cache_fill.CacheFill`. Returns ``uses[view][teacher]``."""
     taps = [tuple(sorted(t)) for t in taps] if taps else [() for _ in specs]
     stored = list(stored) or [None] * len(specs)
     base = [teacher_key(s, w, fingerprint, split, "", dtype, top_k, taps[i]) for i, (s, w) in enumerate(zip(specs, weights))]
@@ -110,7 +111,10 @@ def ensure_cached(
             write_stored(root, keys[v][i], stored[i], len(source), specs[i].name)
     missing_computed = sorted((v, i) for v, i in missing if stored[i] is None)
     if missing_computed:
-        fill(pools, source, views, missing_computed, keys, root, dtype, taps)
+        if callable(filler):
+            filler(source, views, missing_computed, keys, root, dtype, taps)
+        else:
+            fill(filler, source, views, missing_computed, keys, root, dtype, taps)
     return [[CacheUse(specs[i].name, views.name(v), str(entry_path(root, keys[v][i])), keys[v][i].digest,
                       (v, i) not in missing) for i in range(len(specs))] for v in range(views.views)]
 

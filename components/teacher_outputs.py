@@ -4,8 +4,9 @@
 source     what happens
 =========  =========================================================================================================
 ``online`` the teacher actors (``ray.teacher_replicas`` per teacher) answer every batch the workers train on
-``cache``  the actors compute every teacher's outputs on the split's stored tensors once into the Arrow cache, are
-           released, and the workers read the entries memory-mapped
+``cache``  every teacher's outputs on the split's stored tensors are computed once into the Arrow cache (by the
+           teacher actors or Ray Data, ``ray.cache_fill``: :mod:`hpmkd.components.cache_fill`), and the workers
+           read the entries memory-mapped
 ``bank``   the same for ``distill.bank_views`` views of a view bank (:mod:`hpmkd.data.views`); epoch ``e`` renders
            view ``e mod bank_views`` and reads that view's entries
 =========  =========================================================================================================
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from hpmkd.components.cache_fill import start_fill
 from hpmkd.components.logit_cache import CacheUse, ensure_cached
 from hpmkd.components.teacher_service import TeacherPool, release, start_teacher_actors
 from hpmkd.config import DistillConfig, ExperimentConfig
@@ -38,15 +40,19 @@ class TeacherOutputPlan:
     cache: list[list[str]] = field(default_factory=list)
     uses: list[list[CacheUse]] = field(default_factory=list)
     view_bank: ViewBank | None = None
+    fill: str | None = None
 
     def release(self) -> None:
         release(self.pools)
         self.pools = []
 
     def cache_params(self) -> dict[str, str]:
-        """``cache.<teacher>``: the digests of the entries it is served from, in view order."""
+        """``cache.<teacher>``: the digests of the entries it is served from, in view order; ``cache_fill``: what
+        computes missing entries (``ray.cache_fill`` resolved)."""
         teachers = [u.teacher for u in self.uses[0]] if self.uses else []
-        return {f"cache.{t}": ",".join(per_view[i].digest for per_view in self.uses) for i, t in enumerate(teachers)}
+        fill = {"cache_fill": self.fill} if self.fill else {}
+        return fill | {f"cache.{t}": ",".join(per_view[i].digest for per_view in self.uses)
+                       for i, t in enumerate(teachers)}
 
     def cache_metrics(self) -> dict[str, float]:
         entries = [u for per_view in self.uses for u in per_view]
@@ -69,50 +75,50 @@ class OutputsRequest:
     train_outputs: Sequence[str | None] = ()
 
 
-#: source name -> ``(request, pools) -> TeacherOutputPlan``
+#: source name -> ``request -> TeacherOutputPlan``
 SOURCES: Registry[TeacherOutputPlan] = Registry("teacher output source")
 
 
 @SOURCES.register("online")
-def online(request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
+def online(request: OutputsRequest) -> TeacherOutputPlan:
+    """Start the teacher actors; the workers ask them for every batch."""
     stored = [s.name for s, path in zip(request.specs, request.train_outputs) if path is not None]
     if stored:
         raise ConfigError(f"distill.teacher_outputs: online asks the teachers for every training batch, but "
                           f"{', '.join(stored)} serve(s) stored out-of-fold outputs on the training rows; use "
                           f"teacher_outputs: cache (or auto), or tabular.teacher_fit: in_sample.")
-    return TeacherOutputPlan("online", pools=pools)
+    cfg = request.cfg
+    return TeacherOutputPlan("online", pools=start_teacher_actors(request.specs, request.weights, cfg.ray.teacher_cpus,
+                                                                  cfg.ray.teacher_gpus, cfg.ray.teacher_replicas))
 
 
-def stored(source: str, views: ViewBank, request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
-    """Fill the missing entries of every view with the actors, then release them."""
+def stored(source: str, views: ViewBank, request: OutputsRequest) -> TeacherOutputPlan:
+    """Fill the missing entries of every view (``ray.cache_fill``), then release what filled them."""
     distill, splits = request.distill, request.splits
-    uses = ensure_cached(pools, request.specs, request.weights, splits.train, root=str(request.cfg.cache_root()),
-                         fingerprint=splits.fingerprint, views=views, dtype=distill.cache_dtype,
-                         top_k=distill.cache_top_k, taps=request.taps, stored=request.train_outputs)
-    release(pools)
+    filler = start_fill(request.cfg.ray, request.specs, request.weights)
+    try:
+        uses = ensure_cached(filler, request.specs, request.weights, splits.train, root=str(request.cfg.cache_root()),
+                             fingerprint=splits.fingerprint, views=views, dtype=distill.cache_dtype,
+                             top_k=distill.cache_top_k, taps=request.taps, stored=request.train_outputs)
+    finally:
+        filler.release()
     return TeacherOutputPlan(source, cache=[[u.path for u in per_view] for per_view in uses], uses=uses,
-                             view_bank=None if views is PLAIN else views)
+                             view_bank=None if views is PLAIN else views, fill=filler.kind)
 
 
 @SOURCES.register("cache")
-def cache(request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
-    return stored("cache", PLAIN, request, pools)
+def cache(request: OutputsRequest) -> TeacherOutputPlan:
+    return stored("cache", PLAIN, request)
 
 
 @SOURCES.register("bank")
-def bank(request: OutputsRequest, pools: list[TeacherPool]) -> TeacherOutputPlan:
+def bank(request: OutputsRequest) -> TeacherOutputPlan:
     views = ViewBank(request.cfg.data.augment, request.cfg.seed, request.distill.bank_views)
-    return stored("bank", views, request, pools)
+    return stored("bank", views, request)
 
 
 def prepare_teacher_outputs(request: OutputsRequest) -> TeacherOutputPlan:
-    """Start the teacher actors and prepare the stage's source (stored sources release the actors when filled)."""
-    cfg = request.cfg
-    source = choose_source(request.distill, cfg.data.augment, any(request.taps))
-    pools = start_teacher_actors(request.specs, request.weights, cfg.ray.teacher_cpus, cfg.ray.teacher_gpus,
-                                 cfg.ray.teacher_replicas)
-    try:
-        return SOURCES.get(source, "distill.teacher_outputs")(request, pools)
-    except BaseException:
-        release(pools)
-        raise
+    """Prepare the stage's source: the teacher actors (``online``), or the filled cache entries (the stored
+    sources release what filled them)."""
+    source = choose_source(request.distill, request.cfg.data.augment, any(request.taps))
+    return SOURCES.get(source, "distill.teacher_outputs")(request)

@@ -298,6 +298,8 @@ class DistillConfig:
 
 #: the orders in which ready stages may start (``ray.order``)
 STAGE_ORDERS = ("critical_path", "listed")
+#: how missing logit-cache entries are computed (:mod:`hpmkd.components.cache_fill`)
+CACHE_FILLS = ("actors", "ray_data", "auto")
 
 
 @dataclass
@@ -314,6 +316,11 @@ class RayConfig:
     (the pipeline's order). ``share_splits``: Ray Train workers read the driver's loaded splits from Ray's object
     store (loaded once per experiment); false: every worker loads the data set from its own node's disk (a data set
     too large to pass through the object store, kept on each node's storage).
+
+    ``cache_fill``: how missing logit-cache entries are computed: ``actors`` (the teacher actors, driven by the
+    driver; the default), ``ray_data`` (Ray Data ``map_batches`` over an actor pool of each teacher, shards streamed
+    to the cache root) or ``auto`` (``ray_data`` on a cluster of several nodes); see
+    :mod:`hpmkd.components.cache_fill`.
     """
 
     address: str | None = None
@@ -331,6 +338,7 @@ class RayConfig:
     log_to_driver: bool = False
     order: str = "critical_path"
     share_splits: bool = True
+    cache_fill: str = "actors"
 
     def check(self, path: str) -> None:
         positive(path, num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
@@ -350,6 +358,10 @@ class RayConfig:
         if self.order not in STAGE_ORDERS:
             raise ConfigError(f"{join(path, 'order')}: {self.order!r} is not a stage order; give one of "
                               f"{', '.join(STAGE_ORDERS)}.")
+        if self.cache_fill not in CACHE_FILLS:
+            raise ConfigError(f"{join(path, 'cache_fill')}: {self.cache_fill!r} is not a way to fill the logit cache; "
+                              f"give one of {', '.join(CACHE_FILLS)} (actors: the teacher actors, the default; "
+                              f"ray_data: Ray Data map_batches over an actor pool per teacher).")
 
 
 @dataclass

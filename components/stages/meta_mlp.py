@@ -24,9 +24,9 @@ import torch
 
 from hpmkd import checkpoint
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
+from hpmkd.components.cache_fill import start_fill
 from hpmkd.components.logit_cache import ensure_cached
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun
-from hpmkd.components.teacher_service import release, start_teacher_actors
 from hpmkd.data.source import BatchSource
 from hpmkd.evaluation import final_test_metrics
 from hpmkd.logit_cache import CachedLogits
@@ -43,21 +43,20 @@ CACHE_DTYPE = "float32"
 
 def member_logits(ctx: ExperimentContext, params: FitMetaMLP, members: list[ModelArtifact],
                   sources: dict[str, BatchSource]) -> dict[str, torch.Tensor]:
-    """Per source, the members' logits ``[M, N, C]``, computed by teacher actors into the logit cache."""
+    """Per source, the members' logits ``[M, N, C]``, computed into the logit cache (``ray.cache_fill``)."""
     cfg = ctx.cfg
     specs = [TeacherSpec(a.name, a.model, ctx.splits.shape) for a in members]
-    pools = start_teacher_actors(specs, [a.path for a in members], cfg.ray.teacher_cpus, cfg.ray.teacher_gpus,
-                                 cfg.ray.teacher_replicas)
+    filler = start_fill(cfg.ray, specs, [a.path for a in members])
     try:
         out = {}
         for split, source in sources.items():
-            uses = ensure_cached(pools, specs, [a.path for a in members], source, root=str(cfg.cache_root()),
+            uses = ensure_cached(filler, specs, [a.path for a in members], source, root=str(cfg.cache_root()),
                                  fingerprint=ctx.splits.fingerprint, split=split, dtype=CACHE_DTYPE)[0]
             index = torch.arange(len(source))
             out[split] = torch.stack([CachedLogits(u.path).rows(index) for u in uses])
         return out
     finally:
-        release(pools)
+        filler.release()
 
 
 @STAGE_KINDS.register("meta_mlp")

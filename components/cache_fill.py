@@ -1,0 +1,214 @@
+"""How the missing entries of the teacher-output cache are computed (``ray.cache_fill``).
+
+=============  ======================================================================================================
+fill           what computes the entries
+=============  ======================================================================================================
+``actors``     (default) the teacher actors of :mod:`hpmkd.components.teacher_service` (``ray.teacher_replicas`` per
+               teacher), driven by the hand-made loop of :func:`hpmkd.components.logit_cache.fill`: the driver
+               renders every chunk, sends it to every teacher and writes each entry
+``ray_data``   Ray Data batch inference: a dataset of chunk descriptors ``(view, start)`` flows through one
+               ``map_batches`` stage per teacher, each over a fixed-size actor pool of that teacher
+               (``compute=ActorPoolStrategy(size=ray.teacher_replicas)``, ``num_cpus=ray.teacher_cpus``,
+               ``num_gpus=ray.teacher_gpus``); each actor reads and renders its chunks itself and writes the chunk's
+               outputs to the cache root as a *shard*; the driver only counts finished chunks and assembles a view's
+               entries from their shards once the view's last chunk has passed every teacher
+``auto``       ``ray_data`` when the Ray cluster has more than one alive node, ``actors`` on one node
+=============  ======================================================================================================
+
+A shard is an ordinary cache entry (:func:`hpmkd.logit_cache.write_entry`: written atomically, CRC-checked when
+read, so a worker on another node never reads half a file) holding the float32 outputs of rows ``[start, stop)``,
+keyed like its entry with the row range in the split (``train[1024:2048]``), float32 and no top-k. The entry is
+then written from the verified shards exactly as the actor fill writes it (the same chunks of
+:data:`~hpmkd.components.logit_cache.BATCH` rows, the same forward pass, the same float32 outputs converted once),
+so its content is identical whichever fill wrote it; the shards are deleted once it is in place. A fill that is
+interrupted leaves its finished shards, and the next fill reuses them instead of recomputing those chunks.
+
+Teacher weights are read in the driver by the teacher's provider (``torch.load(weights_only=True)`` for a torch
+teacher), checked by building the teacher once, and reach the actors through the object store, as for the actor
+fill; the training split reaches them the same way (one copy in the object store, fetched once per node).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Protocol, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from hpmkd.components.logit_cache import BATCH, fill
+from hpmkd.components.teacher_service import TeacherPool, release, start_teacher_actors
+from hpmkd.config import RayConfig
+from hpmkd.data.source import BatchSource
+from hpmkd.data.views import ViewBank
+from hpmkd.logit_cache import CacheEntryError, CachedLogits, CacheKey, entry_path, lookup, write_entry
+from hpmkd.registry import Registry
+from hpmkd.teachers import TeacherSpec, provider_for
+
+
+class CacheFill(Protocol):
+    """Computes the ``(view, teacher)`` entries ``todo`` of ``source`` under ``keys[view][teacher]``; ``kind`` is
+    its ``ray.cache_fill`` name, recorded with the stage."""
+
+    kind: ClassVar[str]
+
+    def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
+                 keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None: ...
+
+    def release(self) -> None: ...
+
+
+@dataclass
+class ActorFill:
+    """The actor fill: the teacher pools started for it, ended by :meth:`release`."""
+
+    pools: list[TeacherPool]
+    kind: ClassVar[str] = "actors"
+
+    def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
+                 keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
+        fill(self.pools, source, views, todo, keys, root, dtype, taps)
+
+    def release(self) -> None:
+        release(self.pools)
+        self.pools = []
+
+
+def shard_key(key: CacheKey, start: int, stop: int) -> CacheKey:
+    """The key of the shard holding rows ``[start, stop)`` of ``key``'s entry (float32 logits, no top-k)."""
+    return replace(key, split=f"{key.split}[{start}:{stop}]", dtype="float32", top_k=None)
+
+
+def chunk_bounds(rows: int) -> list[tuple[int, int]]:
+    """The chunks both fills cut a split into: ``[start, stop)`` of :data:`BATCH` rows."""
+    return [(start, min(rows, start + BATCH)) for start in range(0, rows, BATCH)]
+
+
+class TeacherShards:
+    """One Ray Data actor of one teacher: for each chunk descriptor ``(view, start)`` of a view it was asked for,
+    renders the chunk, runs the teacher once and writes the outputs as a shard (kept when one exists already).
+    Passes the descriptors on unchanged, so the next teacher's stage sees them."""
+
+    def __init__(self, spec: TeacherSpec, weights: list[ray.ObjectRef], source: list[ray.ObjectRef], views: ViewBank,
+                 keys: dict[int, CacheKey], root: str, threads: int):
+        torch.set_num_threads(max(1, threads))
+        device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        self.device = device
+        self.teacher = provider_for(spec.model).build(spec, ray.get(weights[0])).to(device)
+        self.source: BatchSource = ray.get(source[0])
+        self.views = views
+        self.keys = keys
+        self.root = root
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for view, start in zip(batch["view"].tolist(), batch["start"].tolist()):
+            if view in self.keys:
+                self.write_shard(view, start)
+        return batch
+
+    def write_shard(self, view: int, start: int) -> None:
+        key = self.keys[view]
+        index = torch.arange(start, min(len(self.source), start + BATCH))
+        shard = shard_key(key, start, start + len(index))
+        if lookup(self.root, shard) is not None:
+            return
+        x, _ = self.source.rows(index)
+        chunk = np.ascontiguousarray(self.views.render(x, index, view).numpy())
+        logits, feats = self.teacher.forward(torch.from_numpy(chunk).to(self.device), key.taps)
+        write_entry(self.root, shard, logits.float().cpu().numpy(),
+                    {tap: value.float().cpu().numpy() for tap, value in feats.items()})
+
+
+def assemble(root: str, key: CacheKey, rows: int) -> None:
+    """Write ``key``'s entry from its verified shards (exactly what the actor fill writes), then delete them. A
+    fill running beside this one (another stage with the same teacher) may have assembled it and removed the
+    shards first: then its entry is taken."""
+    try:
+        shards = [CachedLogits(entry_path(root, shard_key(key, start, stop))) for start, stop in chunk_bounds(rows)]
+    except CacheEntryError:
+        if lookup(root, key) is not None:
+            return
+        raise
+    logits = np.concatenate([s.values for s in shards])
+    features = {tap: np.concatenate([s.feature_values[tap] for s in shards]) for tap in key.taps}
+    write_entry(root, key, logits, features)
+    for shard in shards:
+        shard.path.unlink(missing_ok=True)
+
+
+@dataclass
+class RayDataFill:
+    """The Ray Data fill (module docstring): ``replicas`` actors per teacher, each with ``cpus`` CPUs and ``gpus``
+    GPUs. Weights are read and checked when it is made."""
+
+    specs: list[TeacherSpec]
+    weights: list[str]
+    cpus: float
+    gpus: float
+    replicas: int = 1
+    refs: list[ray.ObjectRef] = field(default_factory=list)
+    kind: ClassVar[str] = "ray_data"
+
+    def __post_init__(self) -> None:
+        for spec, path in zip(self.specs, self.weights):
+            provider = provider_for(spec.model)
+            payload = provider.read(path)
+            provider.build(spec, payload)  # fail here, naming the layer, before any actor starts
+            self.refs.append(ray.put(payload))
+
+    def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
+                 keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
+        rows = len(source)
+        chunks = chunk_bounds(rows)
+        todo_views = sorted({v for v, _ in todo})
+        descriptors = [{"view": v, "start": start} for v in todo_views for start, _ in chunks]
+        data = ray.data.from_items(descriptors, override_num_blocks=len(descriptors))
+        source_ref = [ray.put(source)]
+        for i in sorted({i for _, i in todo}):
+            data = data.map_batches(
+                TeacherShards, batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=self.replicas), num_cpus=self.cpus, num_gpus=self.gpus,
+                fn_constructor_kwargs=dict(spec=self.specs[i], weights=[self.refs[i]], source=source_ref, views=views,
+                                           keys={v: keys[v][i] for v, j in todo if j == i}, root=root,
+                                           threads=max(1, int(self.cpus))))
+        data.context.enable_progress_bars = False  # a stage's log is not a progress display
+        data.context.print_on_execution_start = False
+        finished: Counter[int] = Counter()
+        for done in data.iter_rows():
+            view = int(done["view"])
+            finished[view] += 1
+            if finished[view] == len(chunks):
+                for v, i in todo:
+                    if v == view:
+                        assemble(root, keys[v][i], rows)
+
+    def release(self) -> None:
+        self.refs = []
+
+
+#: ``ray.cache_fill`` -> ``(ray config, specs, weights) -> CacheFill`` (the names are :data:`hpmkd.config.CACHE_FILLS`)
+FILLS: Registry[CacheFill] = Registry("cache fill")
+
+
+@FILLS.register("actors")
+def actor_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str]) -> ActorFill:
+    return ActorFill(start_teacher_actors(specs, weights, ray_cfg.teacher_cpus, ray_cfg.teacher_gpus,
+                                          ray_cfg.teacher_replicas))
+
+
+@FILLS.register("ray_data")
+def ray_data_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str]) -> RayDataFill:
+    return RayDataFill(specs, weights, ray_cfg.teacher_cpus, ray_cfg.teacher_gpus, ray_cfg.teacher_replicas)
+
+
+@FILLS.register("auto")
+def auto_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str]) -> CacheFill:
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    return FILLS.get("ray_data" if nodes > 1 else "actors")(ray_cfg, specs, weights)
+
+
+def start_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: Sequence[str]) -> CacheFill:
+    """The fill ``ray.cache_fill`` names, ready to compute (actors started, or weights in the object store)."""
+    return FILLS.get(ray_cfg.cache_fill, "ray.cache_fill")(ray_cfg, specs, list(weights))
