@@ -6,18 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
 from hpmkd.checkpoint import MODEL_FILE, file_digest
 from hpmkd.components.tracking import child_runs
 from hpmkd.config import load_config
+from hpmkd.data import load_dataset
 from hpmkd.pipelines.runner import run_experiment
 from hpmkd.registry import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the keys that make the split plan: the shipped teachers never saw the default's validation or meta split
-SPLIT_PLAN = ("name", "val_fraction", "max_train", "meta_fraction", "split_seed")
+#: the keys that fix the validation split: the shipped teachers never saw the default's
+SPLIT_PLAN = ("name", "val_fraction", "meta_fraction", "split_seed")
 
 
 def teachers_config(tmp_path: Path, store: str):
@@ -63,11 +65,20 @@ def test_the_default_refuses_a_teacher_file_that_is_not_the_shipped_one(tmp_path
 
 
 def test_the_teachers_recipe_matches_the_default_it_ships_for():
-    """conf/teachers.yaml trains the default's teachers (same names, models, options) on the default's split plan,
-    so they never train on its validation or meta split; the student section is the default's."""
+    """conf/teachers.yaml trains the default's teachers (same names, models, options) on the default's split plan with
+    more training images: the default's student sees a nested subset of the teachers' training images, and the
+    validation split is the same, so the teachers never trained on it; the student section is the default's."""
     default, recipe = (yaml.safe_load((ROOT / "conf" / name).read_text()) for name in ("default.yaml", "teachers.yaml"))
     assert {k: default["data"].get(k) for k in SPLIT_PLAN} == {k: recipe["data"].get(k) for k in SPLIT_PLAN}
     assert default["data"]["split_seed"] is not None  # the same splits for every seed of the default
     shipped = [(t["name"], t["model"], t.get("options", {})) for t in default["teachers"]]
     assert shipped == [(t["name"], t["model"], t.get("options", {})) for t in recipe["teachers"]]
     assert recipe["pipeline"] == "teachers" and recipe["student"] == default["student"]
+    student, teachers = (load_dataset(c["data"]["name"], seed=c["data"]["split_seed"], max_train=c["data"]["max_train"],
+                                      val_fraction=c["data"]["val_fraction"], meta_fraction=c["data"]["meta_fraction"])
+                         for c in (default, recipe))
+    assert default["data"]["max_train"] < recipe["data"]["max_train"]
+    assert torch.equal(student.val.x, teachers.val.x) and torch.equal(student.test.y, teachers.test.y)
+    seen = {row.numpy().tobytes() for part in (teachers.train, teachers.meta) for row in part.x}
+    assert all(row.numpy().tobytes() in seen for part in (student.train, student.meta) for row in part.x)
+    assert not seen & {row.numpy().tobytes() for row in student.val.x}
