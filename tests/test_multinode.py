@@ -277,7 +277,7 @@ def test_a_driver_job_stopped_mid_run_and_resubmitted_reuses_and_resumes(cluster
     spec = importlib.util.spec_from_file_location("cluster_submit", ROOT / "cluster" / "submit.py")
     submit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(submit)
-    epochs = 12
+    epochs = 20  # the stop takes 3-4 s to act (about 5 epochs here): room for it on a faster machine
     sets = on_cluster(cluster, "job-resubmit", tmp_path, "data={name: digits}", "distill.baseline=false",
                       f"teachers=[{{name: mlp, model: mlp, options: {{hidden: 64, depth: 1}}, checkpoint: {teacher}}}]",
                       "student={model: mlp, options: {hidden: 32, depth: 1}}",
