@@ -4,8 +4,9 @@
 
 * a Ray head and ``nodes - 1`` worker nodes, each its own ``ray start --block`` process (its own raylet, object
   store and workers) with the CPUs asked for and a custom resource naming it (``hpmkd_node_<name>: 1``);
-  everything listens on 127.0.0.1 (the head runs in Ray's single-machine mode, which keeps a loopback node address,
-  see :mod:`hpmkd.components.ray_runtime`; the workers join it at 127.0.0.1), the dashboard and job server too;
+  everything listens on 127.0.0.1, each node's dashboard agent on a free port of its own (the head runs in Ray's
+  single-machine mode, which keeps a loopback node address, see :mod:`hpmkd.components.ray_runtime`; the workers
+  join it at 127.0.0.1), the dashboard and job server too;
 * token authentication: a fresh random token in ``ROOT/auth_token`` (mode 600) that every node, driver and job
   client reads (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``);
 * an MLflow tracking server (``mlflow server``) on 127.0.0.1 with a SQLite store and an artifacts folder under
@@ -220,9 +221,15 @@ def start_node(state: ClusterState, name: str, cpus: float, env: dict[str, str],
     """Start one node (the head when ``state.nodes`` is empty), record it in ``state`` and wait until it has
     joined."""
     root = Path(state.root)
+    # Each node has its own session folder, as on its own machine: a Ray Job's working_dir is unpacked under it,
+    # and a folder shared by the nodes is replaced (then deleted) by one node's runtime-env agent under the feet of
+    # the job's driver on the head (its working directory). Each node's dashboard agent gets its own free HTTP
+    # port: Ray's fixed default (52365) is taken by the first node, or by any other Ray instance on the machine,
+    # and the head's agent without it serves no Ray Jobs.
+    temp = state.ray_temp if not state.nodes else os.path.join(state.ray_temp, name)
     args = [ray_executable(), "start", "--block", f"--num-cpus={cpus:g}", "--num-gpus=0",
             f"--resources={json.dumps({NODE_RESOURCE + name: 1})}", "--disable-usage-stats",
-            f"--temp-dir={state.ray_temp}"]
+            f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}"]
     node_env = {**base_env, **env}
     if not state.nodes:
         port, dash = state.ray_address.rsplit(":", 1)[1], state.dashboard_url.rsplit(":", 1)[1]

@@ -1,8 +1,8 @@
 """Several Ray nodes for real: a 3-node local cluster started by ``hpmkd cluster up`` (one ``ray start`` process per
 node, 1 CPU each, token authentication, an MLflow tracking server over HTTP, a shared folder), and what must hold on
 it: stages spread over nodes and record where they ran, a two-node DDP distillation, the resource and missing-data
-errors, and the faults a cluster meets (a teacher actor killed, the tracking server stopped, a worker node killed).
-A driver stopped as a Ray Job and resubmitted is not tested here (docs/scaling.md says what was seen).
+errors, and the faults a cluster meets (a teacher actor killed, the tracking server stopped, the driver stopped as a
+Ray Job and submitted again, a worker node killed).
 
 The node ``node2`` has no copy of the (fake) CIFAR-10 set that the head and ``node1`` hold in their ``$HPMKD_DATA``,
 as a machine whose local disk lacks it. The node-kill test runs last: it leaves the cluster one node short.
@@ -125,6 +125,16 @@ def in_background(target) -> tuple[threading.Thread, threading.Event, dict]:
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     return thread, stop, out
+
+
+def wait_for_status(client, job_id: str, statuses: set, stop: threading.Event):
+    """Poll a Ray Job until its status is one of ``statuses`` (returned) or ``stop`` is set (``None``)."""
+    while not stop.is_set():
+        if (status := client.get_job_status(job_id)) in statuses:
+            stop.set()
+            return status
+        time.sleep(0.5)
+    return None
 
 
 def run_with_fault(cfg, state, fault):
@@ -254,6 +264,69 @@ def test_the_tracking_server_stopped_for_20_s_mid_stage_loses_no_metric(cluster,
     assert epochs_logged(client, run.info.run_id) == list(range(25))  # every epoch arrived, once
     assert run.info.status == "FINISHED"
     print(f"MLflow down {out['down_s']:.1f} s mid-stage: every epoch logged once, run wall {wall:.1f} s")
+
+
+def test_a_driver_job_stopped_mid_run_and_resubmitted_reuses_and_resumes(cluster, teacher, tmp_path):
+    """``cluster/submit.py``'s Ray Job stopped (``ray job stop``: SIGTERM to the driver, SIGKILL 3 s later) after
+    epoch 2 of ``distill``, then submitted again: the loaded teacher is reused, ``distill`` resumes from its Train
+    checkpoint, the stopped job's runs are marked KILLED, and every epoch is logged once across the two runs."""
+    import importlib.util
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec = importlib.util.spec_from_file_location("cluster_submit", ROOT / "cluster" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    epochs = 20  # the stop takes 3-4 s to act (about 5 epochs here): room for it on a faster machine
+    sets = on_cluster(cluster, "job-resubmit", tmp_path, "data={name: digits}", "distill.baseline=false",
+                      f"teachers=[{{name: mlp, model: mlp, options: {{hidden: 64, depth: 1}}, checkpoint: {teacher}}}]",
+                      "student={model: mlp, options: {hidden: 32, depth: 1}}",
+                      f"train={{epochs: {epochs}, batch_size: 2, lr: 0.005}}")  # tiny batches: epochs of ~1 s
+    sub = submit.submission(submit.parser().parse_args(
+        ["conf/smoke.yaml", "--tracking-uri", cluster.tracking_uri, "--address", cluster.dashboard_url,
+         *[f"--set={s}" for s in sets]]))
+    client = JobSubmissionClient(cluster.dashboard_url)
+    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+    def job(stop_at_epoch: int | None) -> tuple[JobStatus, str, float]:
+        """Submit; with ``stop_at_epoch``, stop the job once ``distill`` logged it. The final status, the logs and
+        the seconds from the stop request to the job's end."""
+        job_id = submit.submit_when_ready(client, sub)
+        stopped_at = time.perf_counter()
+        if stop_at_epoch is not None:
+            _, gone, _ = in_background(lambda stop: {"status": wait_for_status(client, job_id, ended, stop)})
+            reached = wait_for_epoch(cluster, "job-resubmit", "distill", stop_at_epoch, gone)
+            assert reached, f"the job ended first: {client.get_job_logs(job_id)[-3000:]}"
+            stopped_at = time.perf_counter()
+            client.stop_job(job_id)
+            gone.set()
+        deadline = time.monotonic() + 600
+        while (status := client.get_job_status(job_id)) not in ended:
+            assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+            time.sleep(0.2)
+        return status, client.get_job_logs(job_id), time.perf_counter() - stopped_at
+
+    began = time.perf_counter()
+    status, logs, stop_s = job(stop_at_epoch=2)
+    assert status == JobStatus.STOPPED, logs[-3000:]
+    status, logs, _ = job(stop_at_epoch=None)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    mlflow = MlflowClient(cluster.tracking_uri)
+    experiment_id = mlflow.get_experiment_by_name("job-resubmit").experiment_id
+    parents = sorted(mlflow.search_runs([experiment_id], "tags.kind = 'pipeline'"), key=lambda r: r.info.start_time)
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
+    first, second = (child_runs(mlflow, experiment_id, p.info.run_id) for p in parents)
+    assert first["distill"].info.status == "KILLED" and "died" in first["distill"].data.tags["killed_reason"]
+    assert first["teacher_mlp"].info.status == "FINISHED"
+    assert second["teacher_mlp"].data.tags["reused_from"] == first["teacher_mlp"].info.run_id
+    resumed = int(second["distill"].data.metrics["resumed_at_epoch"])
+    before, after = (epochs_logged(mlflow, runs["distill"].info.run_id) for runs in (first, second))
+    assert 2 <= resumed < epochs  # the stop took effect mid-stage, and the rerun resumed the stopped run's checkpoint
+    assert before == list(range(len(before))) and len(before) <= resumed  # nothing logged beyond the checkpoint
+    assert after == list(range(resumed, epochs))  # the rest, once
+    print(f"driver job stopped after epoch 2 of {epochs}: STOPPED {stop_s:.1f} s after `stop`, the stopped run "
+          f"logged epochs 0-{before[-1]}; resubmitted: resumed at epoch {resumed}, both jobs "
+          f"{time.perf_counter() - began:.1f} s")
 
 
 def test_a_worker_node_killed_mid_distill_resumes_on_the_surviving_nodes(cluster, teacher, tmp_path):
