@@ -2,9 +2,11 @@
 
 * :func:`cluster_nodes`: the live Ray nodes with their CPUs, GPUs and name (the custom resource ``hpmkd_node_<name>``
   that ``hpmkd cluster up`` gives each node, :mod:`hpmkd.components.local_cluster`; else the node's address).
-* :func:`placement`: a training stage's placement from its Ray Train ranks (each rank reports its node id): the
-  ranks, the distinct nodes, and the node names; recorded as MLflow tags (``placement.nodes``,
-  ``placement.node_ids``, ``placement.ranks``) and in the results JSON.
+* :func:`placement`: a stage's placement from the node id of each of its processes: a training stage's Ray Train
+  ranks (each rank reports its node id), a search's trials (each trial tags its run with :data:`NODE_ID_TAG`; in the
+  order Tune created them), an estimator teacher's one fitting task. It holds the processes ("ranks"), the distinct
+  nodes, and the node names; recorded as MLflow tags (``placement.nodes``, ``placement.node_ids``,
+  ``placement.ranks``) and in the results JSON.
 * :func:`check_resources`: before anything trains, every stage's request (:attr:`Stage.cpus` / :attr:`Stage.gpus`,
   and the bundle of one Train worker and of one teacher actor) against the cluster: a stage that asks for more than
   the cluster has would wait for ever in Ray's queue; it is a config error naming the stage, the resource and the
@@ -23,6 +25,8 @@ from hpmkd.registry import ConfigError
 
 #: prefix of the custom resource that names a node (``hpmkd_node_head``, ``hpmkd_node_node1`` ...)
 NODE_RESOURCE = "hpmkd_node_"
+#: the MLflow tag of a search trial's run: the Ray node id its process ran on (last, when it was restored elsewhere)
+NODE_ID_TAG = "placement.node_id"
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def node_name(node_id: str, nodes: list[Node]) -> str:
 
 
 def placement(rank_nodes: list[str], nodes: list[Node]) -> dict[str, Any]:
-    """A stage's placement from ``rank_nodes[rank]`` (each Train rank's node id)."""
+    """A stage's placement from ``rank_nodes[rank]`` (the node id of each of its processes, in order)."""
     names = [node_name(n, nodes) for n in rank_nodes]
     return {"ranks": [{"rank": r, "node_id": n, "node": name} for r, (n, name) in enumerate(zip(rank_nodes, names))],
             "node_ids": sorted(set(rank_nodes)), "nodes": sorted(set(names))}

@@ -7,7 +7,8 @@ restarted from it (``FailureConfig(max_failures)``), and a rerun with the same T
 epoch's metrics reach the stage's MLflow run from the Train controller (:class:`EpochLogger`), only once the epoch's
 checkpoint is registered: an epoch seen in MLflow is never trained again, and each is logged exactly once however
 often the worker group restarts. The stage's selected predictor (:mod:`hpmkd.predictors`) is
-written from the last checkpoint as ``model.pt``. Rank 0 reports each epoch to the live progress display
+written from the last checkpoint as ``model.pt``. A run whose Train snapshot a killed driver cut off mid-write resumes
+from its newest whole checkpoint (:mod:`hpmkd.components.train_snapshot`). Rank 0 reports each epoch to the live progress display
 (:mod:`hpmkd.components.progress`), and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics.
 Every rank reports its Ray node, so the stage records where it ran (:mod:`hpmkd.components.placement`); a rank
 whose node lacks the data set fails naming that node and the folders searched.
@@ -32,6 +33,7 @@ from hpmkd.components import progress
 from hpmkd.components.logit_cache import CachedTeachers
 from hpmkd.components.placement import cluster_nodes, node_name, placement
 from hpmkd.components.teacher_service import ActorTeachers
+from hpmkd.components.train_snapshot import recover_cut_snapshot
 from hpmkd.components.tracking import log_metrics
 from hpmkd import checkpoint
 from hpmkd.config import RayConfig
@@ -60,7 +62,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     resume = None
-    if (ckpt := ray.train.get_checkpoint()) is not None:
+    if (ckpt := ray.train.get_checkpoint() or config.get("recovered")) is not None:
         with ckpt.as_directory() as folder:
             resume = checkpoint.load(Path(folder) / checkpoint.STATE_FILE)
     splits = ray.get(config["splits"]) if config.get("splits") is not None else None
@@ -191,6 +193,7 @@ def run_training_stage(
             "progress": progress_hub,
             "splits": splits_ref,
             "launched_at": time.time(),
+            "recovered": recover_cut_snapshot(storage_path, train_run_name),
         },
         scaling_config=ScalingConfig(
             num_workers=ray_cfg.num_workers,

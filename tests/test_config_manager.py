@@ -188,7 +188,7 @@ def tuned(ray_session, tmp_path_factory, teacher_checkpoint):
     return summary, uri, tmp_path
 
 
-def test_tune_stage_nests_its_trials_and_hands_the_best_config_to_distill(tuned):
+def test_tune_stage_nests_its_trials_and_hands_the_best_config_to_distill(tuned, ray_session):
     summary, uri, tmp_path = tuned
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("cm").experiment_id
@@ -203,6 +203,13 @@ def test_tune_stage_nests_its_trials_and_hands_the_best_config_to_distill(tuned)
         assert epochs in ([0], [0, 1]) and trial.data.metrics["epochs_run"] == len(epochs)
         assert trial.data.tags["early_stopped"] == str(len(epochs) < 2).lower()
         assert trial.data.tags["memory"] == "kd"
+        assert trial.data.tags["placement.node_id"] == ray_session.get_runtime_context().get_node_id()
+    # the stage's placement: one entry per finished trial, in the order Tune created them
+    assert tune_run.data.tags["placement.node_ids"] == ray_session.get_runtime_context().get_node_id()
+    assert [r.split(":")[0] for r in tune_run.data.tags["placement.ranks"].split(",")] == ["0", "1", "2"]
+    placed = next(s["placement"] for s in summary["stages"] if s["name"] == "tune")
+    assert [r["node_id"] for r in placed["ranks"]] == [t.data.tags["placement.node_id"] for t in sorted(
+        trials, key=lambda t: int(t.data.tags["trial_index"]))]
     first = min(trials, key=lambda t: int(t.data.tags["trial_index"]))  # the proposal is evaluated first
     assert float(first.data.params["distill.temperature.T"]) == 4.0
     assert float(first.data.params["distill.train.lr"]) == 0.05

@@ -34,7 +34,7 @@ def tabular_run(ray_session, tmp_path_factory):
     return run_experiment(cfg, tracking_uri=uri), cfg, uri, tmp
 
 
-def test_teachers_and_students_record_their_auc_metrics(tabular_run):
+def test_teachers_and_students_record_their_auc_metrics(tabular_run, ray_session):
     summary, cfg, uri, _ = tabular_run
     client = MlflowClient(uri)
     parent = client.get_run(summary["parent_run_id"])
@@ -48,6 +48,11 @@ def test_teachers_and_students_record_their_auc_metrics(tabular_run):
     for teacher in ("teacher_hgb", "teacher_svc"):
         run = stages[teacher]
         assert run.data.tags["stage_kind"] == "fit_teacher"
+        # fitted in a Ray task whose node is recorded like a training stage's ranks
+        assert run.data.tags["placement.node_ids"] == ray_session.get_runtime_context().get_node_id()
+        assert run.data.tags["placement.ranks"].startswith("0:")
+        assert next(s["placement"] for s in summary["stages"] if s["name"] == teacher)["node_ids"] == [
+            run.data.tags["placement.node_ids"]]
         assert run.data.metrics["test_auc"] > 0.95  # breast_cancer: a strong teacher
         files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
         assert "checkpoint/train_outputs.npz" in files and len(files) == 2

@@ -22,6 +22,7 @@ import torch
 
 from hpmkd import checkpoint
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
+from hpmkd.components.placement import cluster_nodes, placement, placement_tags
 from hpmkd.components.stage_params import FitTeacher
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun
 from hpmkd.estimator_teacher import EstimatorPredictor, EstimatorTeacher, FittedEstimator
@@ -40,15 +41,15 @@ def training_fit(log_probs: np.ndarray, y: np.ndarray, name: str) -> dict[str, f
 
 
 def fit_to_files(params: FitTeacher, x: np.ndarray, y: np.ndarray, *, seed: int, threads: int,
-                 class_names: list[str], path: str, outputs: str) -> bool:
+                 class_names: list[str], path: str, outputs: str) -> tuple[bool, str]:
     """Fit the teacher (run as a Ray task), save it to ``path`` and its out-of-fold outputs, if any, to
-    ``outputs``; whether there are stored outputs."""
+    ``outputs``; whether there are stored outputs, and the Ray node id the task ran on."""
     fitted = fit_teacher(params.model.model, params.model.options, x, y, fit=params.fit, folds=params.folds,
                          seed=seed, threads=threads, class_names=class_names)
     save_estimator(params.model.model, fitted.estimator, path)
     if fitted.train_outputs is not None:
         fitted.train_outputs.save(outputs)
-    return fitted.train_outputs is not None
+    return fitted.train_outputs is not None, ray.get_runtime_context().get_node_id()
 
 
 @STAGE_KINDS.register("fit_teacher")
@@ -63,9 +64,11 @@ class FitTeacherKind(StageKind):
         path, outputs = folder / file_name(name), folder / TRAIN_OUTPUTS
         began = time.perf_counter()
         task = ray.remote(fit_to_files).options(num_cpus=stage.cpus)
-        stored = ray.get(task.remote(params, x, y, seed=ctx.cfg.seed, threads=threads,
-                                     class_names=splits.class_names, path=str(path), outputs=str(outputs)))
+        stored, node_id = ray.get(task.remote(params, x, y, seed=ctx.cfg.seed, threads=threads,
+                                              class_names=splits.class_names, path=str(path), outputs=str(outputs)))
         fit_s = time.perf_counter() - began
+        where = placement([node_id], cluster_nodes())
+        ctx.tracker.set_tags(run.run_id, placement_tags(where))
         _, estimator = load_estimator(path)  # what is measured is what the teacher actors will serve
         ctx.tracker.log_artifact(run.run_id, path, "checkpoint")
         leak = training_fit(predict_log_proba(estimator, x, threads), y, "in_sample")
@@ -83,4 +86,4 @@ class FitTeacherKind(StageKind):
         artifact = ModelArtifact(params.teacher, params.model, str(path), checkpoint.file_digest(path), size,
                                  {k: metrics[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")},
                                  str(outputs) if stored else None)
-        return StageOutcome(metrics, artifact)
+        return StageOutcome(metrics, artifact, placement=where)

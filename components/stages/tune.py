@@ -17,8 +17,10 @@ proposals, and hands the best configuration (on validation) to the stages that d
   by side as the cluster allows (``max_concurrent``, or the cluster's CPUs over ``cpus_per_trial``), each asking
   ``cpus_per_trial`` / ``gpus_per_trial``.
 * **Records**: each trial is an MLflow run nested under the tune stage's run (tag ``kind = trial``): its config
-  keys as params, ``val_acc`` / ``best_val_acc`` per epoch; when the search ends, each trial is closed (FINISHED,
-  tag ``early_stopped`` when ASHA stopped it; FAILED with its error) and written to the optimisation memory.
+  keys as params, ``val_acc`` / ``best_val_acc`` per epoch, the Ray node its process ran on (tag
+  ``placement.node_id``); when the search ends, each trial is closed (FINISHED, tag ``early_stopped`` when ASHA
+  stopped it; FAILED with its error) and written to the optimisation memory. The stage's placement
+  (:mod:`hpmkd.components.placement`) lists its finished trials' nodes.
 * **Resume**: the Tune experiment is named after the stage run under ``ray.storage_path``, or, when an earlier run
   of the same stage was interrupted, after that run (:func:`hpmkd.components.stages.resume_key`); a stage that
   finds it (``Tuner.can_restore``) calls ``Tuner.restore``: finished trials are kept, unfinished and errored ones
@@ -48,6 +50,7 @@ from hpmkd.components import progress
 from hpmkd.components.config_manager import budget_epochs, fixed_for, memory_records, proposals_for, source_of
 from hpmkd.components.graph import Stage, StageOutcome, StageResult
 from hpmkd.components.memory import make_record, remember, task_features
+from hpmkd.components.placement import NODE_ID_TAG, cluster_nodes, placement, placement_tags
 from hpmkd.components.stage_params import Distill, Tune, TunedConfig
 from hpmkd.components.stage_runner import worker_teachers
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
@@ -160,6 +163,7 @@ def run_trial(config: dict[str, float], setup: TrialSetup) -> None:
     client = MlflowClient(setup.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
     run_id = trial_run(client, setup, trial_id, config)
+    client.set_tag(run_id, NODE_ID_TAG, ray.get_runtime_context().get_node_id())
     resume = None
     if (saved := tune.get_checkpoint()) is not None:
         with saved.as_directory() as folder:
@@ -251,16 +255,20 @@ class TrialOutcome:
     best_val_acc: float
     epochs: int
     early_stopped: bool
+    node_id: str
 
 
 def close_trials(client: MlflowClient, setup: TrialSetup, grid: Any, task: TaskFeatures) -> dict[str, TrialOutcome]:
     """End every trial's MLflow run (under this stage's run, tag ``trial_index``: the order Tune created the trials,
-    proposals first) and write the finished ones to the memory; returns the trials that produced a result, by id."""
+    proposals first) and write the finished ones to the memory; returns the trials that produced a result, by id, in
+    that order."""
     results = {r.metrics["trial_id"]: (i, r) for i, r in enumerate(grid)  # the grid keeps the creation order
                if r.metrics and "trial_id" in r.metrics}
     errors = [r.error for r in grid if r.error is not None]
     closed = {}
-    for trial_id, run in trial_runs(client, setup.experiment_id, setup.tune_key).items():
+    runs = trial_runs(client, setup.experiment_id, setup.tune_key)
+    for trial_id in sorted(runs, key=lambda t: results.get(t, (len(results), None))[0]):
+        run = runs[trial_id]
         run_id = run.info.run_id
         client.set_tag(run_id, "mlflow.parentRunId", setup.parent_run_id)
         index, result = results.get(trial_id, (None, None))
@@ -272,7 +280,7 @@ def close_trials(client: MlflowClient, setup: TrialSetup, grid: Any, task: TaskF
             client.set_terminated(run_id, "FAILED")
             continue
         outcome = TrialOutcome(run_id, {k: float(v) for k, v in result.config.items()}, float(result.metrics[METRIC]),
-                               int(result.metrics["epochs_run"]), False)
+                               int(result.metrics["epochs_run"]), False, run.data.tags.get(NODE_ID_TAG, ""))
         outcome.early_stopped = outcome.epochs < setup.budget and not result.metrics.get("diverged")
         client.set_tag(run_id, "early_stopped", str(outcome.early_stopped).lower())
         remember(client, make_record(task, outcome.config, outcome.best_val_acc, outcome.epochs, "trial", run_id,
@@ -334,4 +342,6 @@ class TuneKind(StageKind):
                             restored, setup.budget)
         ctx.tracker.log_dict(run.run_id, {"config": chosen, "overrides": overrides, "best_trial": best_id},
                              "chosen.json")
-        return StageOutcome(metrics, record=tuned)
+        where = placement([t.node_id for t in closed.values() if t.node_id], cluster_nodes())
+        ctx.tracker.set_tags(run.run_id, placement_tags(where))
+        return StageOutcome(metrics, record=tuned, placement=where)
