@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -179,8 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hpmkd.pipelines.runner import ExperimentFailedError, run_experiment
     from hpmkd.pipelines.summary import format_table
 
+    held = None if args.verbose else hold_library_messages()
+
     def library_messages_to_file() -> None:  # once the experiment has passed its checks: a refused run writes nothing
-        path = library_messages_to(os.path.join(cfg.output_dir, "hpmkd.log"))
+        path = library_messages_to(os.path.join(cfg.output_dir, "hpmkd.log"), held)
         logging.getLogger("hpmkd").info("Ray's and MLflow's messages: %s (--verbose shows them here)", path)
 
     display = LineDisplay() if args.quiet or not sys.stdout.isatty() else LiveDisplay()
@@ -211,18 +214,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 LIBRARY_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings")
 
 
-def library_messages_to(path: str) -> str:
-    """Send the :data:`LIBRARY_LOGGERS` (and Python warnings) to the file ``path`` instead of the terminal."""
+def route_library_messages(handler: logging.Handler) -> None:
+    """Send the :data:`LIBRARY_LOGGERS` (and Python warnings) to ``handler`` only."""
     importlib.import_module("ray")  # configures its logger on import; replaced below
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.captureWarnings(True)
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.propagate = False
+
+
+def hold_library_messages() -> logging.handlers.MemoryHandler:
+    """Keep the libraries' messages in memory while the run is checked (opening a new MLflow store announces its
+    tables, for one): a run that passes writes them to its log file (:func:`library_messages_to`); a refused run,
+    which writes no file, shows only their warnings and errors, on stderr, when it exits."""
+    refused = logging.StreamHandler(sys.stderr)
+    refused.addFilter(lambda record: record.levelno >= logging.WARNING)  # a MemoryHandler's flush skips levels
+    held = logging.handlers.MemoryHandler(capacity=100_000, target=refused)
+    route_library_messages(held)
+    return held
+
+
+def library_messages_to(path: str, held: logging.handlers.MemoryHandler | None = None) -> str:
+    """Send the :data:`LIBRARY_LOGGERS` (and Python warnings) to the file ``path`` instead of the terminal, after
+    the messages ``held`` so far."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    if held is not None:
+        held.setTarget(handler)
+        held.close()  # flushes what it held into the file
+    route_library_messages(handler)
     return os.path.abspath(path)
 
 

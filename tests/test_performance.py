@@ -104,6 +104,32 @@ def test_run_takes_quiet_and_verbose_and_library_messages_go_to_a_file(tmp_path)
         logging.captureWarnings(False)
 
 
+def test_library_messages_are_held_while_the_run_is_checked(tmp_path, capfd):
+    from hpmkd.cli import hold_library_messages
+
+    try:
+        held = hold_library_messages()
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+        assert capfd.readouterr().err == ""  # the checks' chatter is not shown
+        path = library_messages_to(str(tmp_path / "hpmkd.log"), held)  # the run passed its checks
+        logging.getLogger("ray.tune").info("trial started")
+        for handler in logging.getLogger("ray").handlers:
+            handler.flush()
+        lines = Path(path).read_text().splitlines()
+        assert [line.split(" ", 2)[2] for line in lines] == [
+            "mlflow.store.db.utils INFO Creating initial MLflow database tables...", "ray.tune INFO trial started"]
+
+        refused = hold_library_messages()  # a run refused by its checks writes no file, shows only warnings
+        logging.getLogger("mlflow.store").info("chatter")
+        logging.getLogger("ray").warning("a warning worth seeing")
+        refused.close()  # what the interpreter's exit does
+        assert capfd.readouterr().err == "a warning worth seeing\n"
+    finally:
+        for name in ("ray", "mlflow", "alembic", "py.warnings"):
+            logging.getLogger(name).handlers, logging.getLogger(name).propagate = [], True
+        logging.captureWarnings(False)
+
+
 # --- estimates and the scheduler -------------------------------------------------------------------------------------
 
 

@@ -75,6 +75,10 @@ METRIC = "best_val_acc"  # best validation accuracy so far: what ASHA, the searc
 # checkpoint that still exists. The checkpoints are deleted once the search has finished (prune_checkpoints).
 SNAPSHOT_PERIOD = "TUNE_GLOBAL_CHECKPOINT_S"
 SNAPSHOT_PERIOD_S = "0"
+# Tune's console output: Ray 2.60's newer engine prints the search's configuration box and its result folders even at
+# verbose=0; the older one ("0") prints nothing there. hpmkd shows the trials itself (components.progress).
+OUTPUT_ENGINE = "RAY_AIR_NEW_OUTPUT"
+OUTPUT_ENGINE_QUIET = "0"
 
 SEARCHERS: Registry[Any] = Registry("searcher")
 SCHEDULERS: Registry[Any] = Registry("scheduler")
@@ -216,6 +220,7 @@ def make_tuner(setup: TrialSetup, points: list[dict[str, float]], name: str, sto
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": cm.cpus_per_trial, "gpu": cm.gpus_per_trial})
     os.environ.setdefault(SNAPSHOT_PERIOD, SNAPSHOT_PERIOD_S)  # read when Tuner.fit builds its controller
+    os.environ.setdefault(OUTPUT_ENGINE, OUTPUT_ENGINE_QUIET)  # read when Tuner.fit starts
     path = experiment_path(storage_path, name)
     if tune.Tuner.can_restore(path):
         log.info("tune: restoring the search from %s (finished trials are kept)", path)
