@@ -214,24 +214,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 LIBRARY_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings")
 
 
-def route_library_messages(handler: logging.Handler) -> None:
-    """Send the :data:`LIBRARY_LOGGERS` (and Python warnings) to ``handler`` only."""
+def route_library_messages(*handlers: logging.Handler) -> None:
+    """Send the :data:`LIBRARY_LOGGERS` (and Python warnings) to ``handlers`` only."""
     importlib.import_module("ray")  # configures its logger on import; replaced below
     logging.captureWarnings(True)
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
-        logger.handlers = [handler]
+        logger.handlers = list(handlers)
         logger.propagate = False
 
 
 def hold_library_messages() -> logging.handlers.MemoryHandler:
     """Keep the libraries' messages in memory while the run is checked (opening a new MLflow store announces its
-    tables, for one): a run that passes writes them to its log file (:func:`library_messages_to`); a refused run,
-    which writes no file, shows only their warnings and errors, on stderr, when it exits."""
-    refused = logging.StreamHandler(sys.stderr)
-    refused.addFilter(lambda record: record.levelno >= logging.WARNING)  # a MemoryHandler's flush skips levels
-    held = logging.handlers.MemoryHandler(capacity=100_000, target=refused)
-    route_library_messages(held)
+    tables, for one): a run that passes writes them to its log file (:func:`library_messages_to`). Their warnings and
+    errors also show on stderr as they come, so that a refused run, which writes no file, still shows them, above its
+    ``hpmkd: error:`` line."""
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setLevel(logging.WARNING)
+    held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    route_library_messages(held, shown)
     return held
 
 
