@@ -8,8 +8,8 @@ epoch's metrics reach the stage's MLflow run from the Train controller (:class:`
 checkpoint is registered: an epoch seen in MLflow is never trained again, and each is logged exactly once however
 often the worker group restarts. The stage's selected predictor (:mod:`hpmkd.predictors`) is
 written from the last checkpoint as ``model.pt``. A run whose Train snapshot a killed driver cut off mid-write resumes
-from its newest whole checkpoint (:mod:`hpmkd.components.train_snapshot`). Rank 0 reports each epoch to the live progress display
-(:mod:`hpmkd.components.progress`), and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics.
+from its newest whole checkpoint (:mod:`hpmkd.components.train_snapshot`). Rank 0 reports each epoch to the live
+progress display (:mod:`hpmkd.components.progress`), and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics.
 Every rank reports its Ray node, so the stage records where it ran (:mod:`hpmkd.components.placement`); a rank
 whose node lacks the data set fails naming that node and the folders searched.
 """

@@ -10,7 +10,8 @@ previous one only after the snapshot is written.
 :func:`recover_cut_snapshot` finds such a run before ``fit``: it sets the unreadable snapshot aside (renamed, so Ray
 starts a new one and the evidence stays) and returns the newest checkpoint folder whose ``state.pt`` loads, which the
 workers resume from exactly as from ``ray.train.get_checkpoint()``. A folder Ray was still copying when the driver
-died does not load and is passed over. The set-aside folder stays on storage until the run's folder is removed.
+died does not load and is passed over. The set-aside file, and the checkpoint folders the new snapshot does not
+name, stay on storage until the run's folder is removed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def recover_cut_snapshot(storage_path: str, run_name: str) -> ray.train.Checkpoi
     """When the Train run ``storage_path/run_name`` has a snapshot that does not parse as JSON, set it aside as
     ``checkpoint_manager_snapshot.json.cut-<unix time>`` and return the newest of the run's checkpoints whose state
     loads (``None`` when none does: the stage then starts over). ``None`` too when the snapshot is absent or whole."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path if is_uri(storage_path) else str(Path(storage_path).resolve()))
+    location = storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
+    fs, root = pyarrow.fs.FileSystem.from_uri(location)
     run = f"{root.rstrip('/')}/{run_name}"
     snapshot = f"{run}/{SNAPSHOT_FILE}"
     if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File or snapshot_is_whole(fs, snapshot):
@@ -52,10 +54,10 @@ def recover_cut_snapshot(storage_path: str, run_name: str) -> ray.train.Checkpoi
     for folder in folders:
         saved = ray.train.Checkpoint(folder, filesystem=fs)
         if state_loads(saved):
-            log.warning("hpmkd: Ray Train run %s: its checkpoint snapshot was cut off (set aside as %s); resuming "
+            log.warning("Ray Train run %s: its checkpoint snapshot was cut off (set aside as %s); resuming "
                         "from %s", run_name, aside, folder)
             return saved
-    log.warning("hpmkd: Ray Train run %s: its checkpoint snapshot was cut off (set aside as %s) and no checkpoint "
+    log.warning("Ray Train run %s: its checkpoint snapshot was cut off (set aside as %s) and no checkpoint "
                 "loads; the stage starts over", run_name, aside)
     return None
 

@@ -190,7 +190,8 @@ def tuned(ray_session, tmp_path_factory, teacher_checkpoint):
     with contextlib.redirect_stdout(printed):
         summary = run_experiment(cfg, tracking_uri=uri, output=str(tmp_path / "results.json"))
     # Tune prints nothing of its own (its configuration box, result folders): hpmkd shows the trials
-    assert "Configuration for experiment" not in printed.getvalue() and "View detailed results" not in printed.getvalue()
+    shown = printed.getvalue()
+    assert "Configuration for experiment" not in shown and "View detailed results" not in shown
     return summary, uri, tmp_path
 
 

@@ -115,7 +115,8 @@ def test_the_chains_are_sampled_and_pooled_into_one_posterior(runs, tmp_path):
     phases = [m.value for m in sorted(client.get_metric_history(chain.info.run_id, "posterior_phase"),
                                       key=lambda m: m.step)]
     lrs = [m.value for m in sorted(client.get_metric_history(chain.info.run_id, "lr"), key=lambda m: m.step)]
-    assert phases == [0] * MODE_EPOCHS + [1] * SAMPLE_EPOCHS and lrs[MODE_EPOCHS:] == [pytest.approx(2e-6)] * SAMPLE_EPOCHS
+    assert phases == [0] * MODE_EPOCHS + [1] * SAMPLE_EPOCHS
+    assert lrs[MODE_EPOCHS:] == [pytest.approx(2e-6)] * SAMPLE_EPOCHS
     assert chain.data.metrics["posterior_samples"] == SAMPLES
     assert chain.data.params["sampling.samples"] == str(SAMPLES) and chain.data.params["sampling.params"] == "head"
 
