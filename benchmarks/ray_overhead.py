@@ -1,18 +1,21 @@
-"""The cost of Ray Train: a distill stage through Ray Train against the same loop in plain PyTorch, side by side;
-and a whole pipeline's wall time against the training time on its critical path.
+"""The cost of running a stage on Ray: a distill stage through each stage executor against the same loop in plain
+PyTorch, side by side; and a whole pipeline's wall time against the training time on its critical path.
 
-    python benchmarks/ray_overhead.py [--sizes 30s 2min] [--quick]
+    python benchmarks/ray_overhead.py [--sizes 30s 2min] [--quick] [--executors task train]
     python benchmarks/ray_overhead.py --sizes --pipeline conf/default.yaml [--set key=value ...] [--orders]
 
-**Stages.** Both runs execute :func:`hpmkd.training.train_stage` on the same spec (default student, KD from one
-cached ``cnn_small`` teacher, Fashion-MNIST, batch 128, one thread): once in this process (no checkpoints, no
-tracking), once as a stage does it, through :func:`hpmkd.components.stage_runner.run_training_stage` (a
-``TorchTrainer`` with one worker, a full checkpoint persisted every epoch, per-epoch metrics logged to a real MLflow
-SQLite store, progress reported to a live progress hub, the data read from Ray's object store as a stage's workers
-read the driver's, the selected weights copied out at the end). The cache is filled first and read by both. Sizes: ``30s`` (5,000 images, 36 epochs) and ``2min`` (20,000 images, 36 epochs),
-each about that long in plain PyTorch on an idle core. Reported per size: wall time; the sum of the epochs' own
-times (training and validation, ``epoch_time_s``) and its ratio Ray / plain (the per-epoch cost); the fixed cost
-(wall minus epochs) of each and Ray's added fixed cost; Ray's phases (:mod:`hpmkd.phases`).
+**Stages.** Every run executes :func:`hpmkd.training.train_stage` on the same spec (default student, KD from one
+cached ``cnn_small`` teacher, Fashion-MNIST, batch 128, one thread): first in this process (no checkpoints, no
+tracking), then as a stage does it, through :func:`hpmkd.components.stage_runner.run_training_stage` with each
+executor of ``--executors`` (``ray.executor``: ``task``, a Ray task in a pooled worker process, run twice: on a
+worker that has not run a stage yet, then on the warm one, as a pipeline's later stages run; ``train``, a
+``TorchTrainer`` with one worker). Each Ray run persists a full checkpoint every epoch, logs per-epoch metrics to a
+real MLflow SQLite store, reports progress to a live progress hub, reads the data from Ray's object store as a
+stage's workers read the driver's, and copies the selected weights out at the end. The cache is filled first and
+read by all. Sizes: ``30s`` (5,000 images, 36 epochs) and ``2min`` (20,000 images, 36 epochs), each about that long
+in plain PyTorch on an idle core. Reported per size and run: wall time; the sum of the epochs' own times (training
+and validation, ``epoch_time_s``) and its ratio to plain (the per-epoch cost); the fixed cost (wall minus epochs) and
+what Ray adds to plain's; Ray's phases (:mod:`hpmkd.phases`).
 
 **Pipeline** (``--pipeline CONFIG``): the experiment runs end to end in a fresh MLflow store (``reuse`` off), and
 its wall time is compared with the training time on its critical path: along the chain of stages with the largest
@@ -21,7 +24,9 @@ that has no epochs (a search's trials are all training). ``--orders`` runs it tw
 pipeline's order (``ray.order=listed``) and then critical path first (``critical_path``, estimated from the first
 run's records), and compares their wall times.
 
-Last line: ``overhead=<Ray wall / plain wall - 1>`` of the largest stage size run.
+Last line: ``overhead=<Ray wall / plain wall - 1>`` of the largest stage size run, for the first executor's run on
+a worker that has not run a stage yet (the ``task`` executor by default: what ``ray.executor: auto`` runs a
+one-worker stage with).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ from mlflow import MlflowClient
 
 from hpmkd.components.logit_cache import CachedTeachers
 from hpmkd.components.progress import ProgressHub
+from hpmkd.components.stage_launch import StageLaunch
 from hpmkd.components.stage_runner import run_training_stage
 from hpmkd.components.teacher_service import release
 from hpmkd.config import RayConfig, load_config
@@ -51,8 +58,9 @@ SIZES = {"30s": (5000, 36), "2min": (20000, 36)}
 QUICK = (2000, 3)
 
 
-def compare_stage(train: int, epochs: int, folder: Path) -> dict[str, Any]:
-    """One size: the plain loop and the Ray Train stage, one after the other in this process."""
+def compare_stage(train: int, epochs: int, folder: Path, executors: list[str]) -> dict[str, Any]:
+    """One size: the plain loop, then each executor's stage (the task executor twice), one after the other in this
+    process."""
     data = data_config(train)
     splits = load(data)
     spec = distill_spec(data, teachers=1, epochs=epochs)
@@ -65,41 +73,57 @@ def compare_stage(train: int, epochs: int, folder: Path) -> dict[str, Any]:
 
     began = time.perf_counter()
     plain = train_stage(spec, StageEnv(teachers=CachedTeachers(spec.teacher_names, cache)))
-    plain_s = time.perf_counter() - began
+    runs = [Run("plain PyTorch (this process)", time.perf_counter() - began, plain, {})]
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("ray_overhead")).info.run_id
+    experiment = client.create_experiment("ray_overhead")
     hub, splits_ref = ProgressHub.remote(), ray.put(splits)  # as run_experiment does once per experiment
-    began = time.perf_counter()
-    staged = run_training_stage(spec, train_run_name="ray-overhead", storage_path=str(folder / "ray"),
-                                out_dir=folder / "out", ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1),
-                                tracking_uri=uri, run_id=run_id, teacher_cache=cache, progress_hub=hub,
-                                splits_ref=splits_ref)
-    ray_s = time.perf_counter() - began
+    for executor in executors:
+        for attempt in range(2 if executor == "task" else 1):
+            label = EXECUTOR_LABELS[executor] + (" (warm worker)" if attempt else "")
+            launch = StageLaunch(spec, train_run_name=f"{executor}-{attempt}", storage_path=str(folder / "ray"),
+                                 ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1, executor=executor),
+                                 tracking_uri=uri, run_id=client.create_run(experiment).info.run_id,
+                                 teacher_cache=cache, progress_hub=hub, splits_ref=splits_ref)
+            began = time.perf_counter()
+            staged = run_training_stage(launch, folder / f"out-{executor}-{attempt}")
+            runs.append(Run(label, time.perf_counter() - began, staged.metrics, staged.phases))
     ray.kill(hub)
-    return {"images": len(splits.train), "epochs": epochs, "plain": (plain_s, plain), "ray": (ray_s, staged.metrics),
-            "phases": staged.phases}
+    return {"images": len(splits.train), "epochs": epochs, "runs": runs}
+
+
+@dataclass
+class Run:
+    """One run of the stage: its wall time, its result (with the epochs' ``history``), its phases."""
+
+    label: str
+    wall: float
+    out: dict[str, Any]
+    phases: dict[str, float]
+
+    @property
+    def epochs_s(self) -> float:
+        return sum(h["epoch_time_s"] for h in self.out["history"])
+
+
+EXECUTOR_LABELS = {"task": "Ray task stage", "train": "Ray Train stage (1 worker)"}
 
 
 def print_stage(size: str, row: dict[str, Any]) -> float:
+    """The table of one size; the first Ray run's wall ratio to plain, less 1."""
     print(f"\n{size}: distill stage, {row['images']} images, {row['epochs']} epochs, batch 128, student "
           f"{STUDENT.model}, 1 cached {TEACHER.model} teacher")
-    print(f"{'run':<30}{'wall s':>9}{'epochs s':>10}{'fixed s':>9}{'s/epoch':>9}{'test acc':>10}")
-    sums = {}
-    for name, key in (("plain PyTorch (this process)", "plain"), ("Ray Train stage (1 worker)", "ray")):
-        wall, out = row[key]
-        epochs_s = sum(h["epoch_time_s"] for h in out["history"])
-        sums[key] = (wall, epochs_s)
-        print(f"{name:<30}{wall:>9.1f}{epochs_s:>10.1f}{wall - epochs_s:>9.1f}{epochs_s / len(out['history']):>9.3f}"
-              f"{out['test_acc']:>10.4f}")
-    (plain_wall, plain_epochs), (ray_wall, ray_epochs) = sums["plain"], sums["ray"]
-    added = (ray_wall - ray_epochs) - (plain_wall - plain_epochs)
-    print("Ray phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in row["phases"].items()))
-    print(f"{size}: per-epoch ratio (Ray / plain) {ray_epochs / plain_epochs:.3f}; fixed cost Ray "
-          f"{ray_wall - ray_epochs:.1f} s, plain {plain_wall - plain_epochs:.1f} s, added by Ray {added:.1f} s; "
-          f"wall ratio {ray_wall / plain_wall:.3f}")
-    return ray_wall / plain_wall - 1
+    print(f"{'run':<38}{'wall s':>9}{'epochs s':>10}{'fixed s':>9}{'added s':>9}{'epoch ratio':>12}{'wall ratio':>11}"
+          f"{'test acc':>10}")
+    plain, *staged = row["runs"]
+    for run in row["runs"]:
+        added = (run.wall - run.epochs_s) - (plain.wall - plain.epochs_s)
+        print(f"{run.label:<38}{run.wall:>9.1f}{run.epochs_s:>10.1f}{run.wall - run.epochs_s:>9.1f}{added:>9.1f}"
+              f"{run.epochs_s / plain.epochs_s:>12.3f}{run.wall / plain.wall:>11.3f}{run.out['test_acc']:>10.4f}")
+    for run in staged:
+        print(f"{run.label} phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run.phases.items()))
+    return staged[0].wall / plain.wall - 1
 
 
 def critical_training(summary: dict[str, Any]) -> tuple[list[str], float]:
@@ -135,6 +159,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES), help="stage sizes to compare")
     ap.add_argument("--quick", action="store_true", help=f"one tiny stage ({QUICK[0]} images, {QUICK[1]} epochs)")
+    ap.add_argument("--executors", nargs="+", default=["task", "train"], choices=list(EXECUTOR_LABELS),
+                    help="the stage executors to compare with the plain loop (ray.executor)")
     ap.add_argument("--pipeline", metavar="CONFIG", help="also run this experiment and compare with its critical path")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--orders", action="store_true", help="run the pipeline in listed order, then critical path first")
@@ -146,7 +172,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size, (train, epochs) in sizes.items():
             folder = Path(tmp) / size
-            overhead = print_stage(size, compare_stage(train, epochs, folder))
+            overhead = print_stage(size, compare_stage(train, epochs, folder, args.executors))
         if args.pipeline:
             uri = f"sqlite:///{Path(tmp) / 'pipeline.db'}"
             orders = ["listed", "critical_path"] if args.orders else ["critical_path"]

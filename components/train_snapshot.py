@@ -26,7 +26,7 @@ import ray.train
 
 from hpmkd import checkpoint
 from hpmkd.checkpoint import CheckpointError
-from hpmkd.data.storage import is_uri
+from hpmkd.components.epoch_checkpoints import run_folder
 
 #: Ray Train's name for the run's checkpoint-manager snapshot (``ray.train.v2._internal.constants``)
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -40,9 +40,7 @@ def recover_cut_snapshot(storage_path: str, run_name: str) -> ray.train.Checkpoi
     """When the Train run ``storage_path/run_name`` has a snapshot that does not parse as JSON, set it aside as
     ``checkpoint_manager_snapshot.json.cut-<unix time>`` and return the newest of the run's checkpoints whose state
     loads (``None`` when none does: the stage then starts over). ``None`` too when the snapshot is absent or whole."""
-    location = storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
-    fs, root = pyarrow.fs.FileSystem.from_uri(location)
-    run = f"{root.rstrip('/')}/{run_name}"
+    fs, run = run_folder(storage_path, run_name)
     snapshot = f"{run}/{SNAPSHOT_FILE}"
     if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File or snapshot_is_whole(fs, snapshot):
         return None

@@ -300,6 +300,8 @@ class DistillConfig:
 STAGE_ORDERS = ("critical_path", "listed")
 #: how missing logit-cache entries are computed (:mod:`hpmkd.components.cache_fill`)
 CACHE_FILLS = ("actors", "ray_data", "auto")
+#: what runs a training stage (:mod:`hpmkd.components.stage_runner`)
+EXECUTORS = ("auto", "task", "train")
 
 
 @dataclass
@@ -321,6 +323,10 @@ class RayConfig:
     driver; the default), ``ray_data`` (Ray Data ``map_batches`` over an actor pool of each teacher, shards streamed
     to the cache root) or ``auto`` (``ray_data`` on a cluster of several nodes); see
     :mod:`hpmkd.components.cache_fill`.
+
+    ``executor``: what runs a training stage: ``task`` (one Ray task in a pooled worker process: no Ray Train start-up,
+    one worker only), ``train`` (a Ray Train ``TorchTrainer``, any number of workers) or ``auto`` (``task`` for one
+    worker, ``train`` for several); both train bit for bit the same (:mod:`hpmkd.components.stage_runner`).
     """
 
     address: str | None = None
@@ -339,6 +345,7 @@ class RayConfig:
     order: str = "critical_path"
     share_splits: bool = True
     cache_fill: str = "actors"
+    executor: str = "auto"
 
     def check(self, path: str) -> None:
         positive(path, num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
@@ -362,6 +369,13 @@ class RayConfig:
             raise ConfigError(f"{join(path, 'cache_fill')}: {self.cache_fill!r} is not a way to fill the logit cache; "
                               f"give one of {', '.join(CACHE_FILLS)} (actors: the teacher actors, the default; "
                               f"ray_data: Ray Data map_batches over an actor pool per teacher).")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"{join(path, 'executor')}: {self.executor!r} is not a stage executor; give one of "
+                              f"{', '.join(EXECUTORS)} (auto: a Ray task for one worker, Ray Train for several).")
+        if self.executor == "task" and self.num_workers > 1:
+            raise ConfigError(f"{join(path, 'executor')}: 'task' runs one worker, and ray.num_workers is "
+                              f"{self.num_workers}; use executor 'train' (or 'auto') for several workers, or set "
+                              f"ray.num_workers=1.")
 
 
 @dataclass

@@ -104,17 +104,23 @@ def train_digits_teacher(folder, hidden: int, depth: int, epochs: int) -> str:
     return str(path)
 
 
-def kill_a_train_worker() -> int | None:
-    """SIGKILL one live Ray Train worker process of this session's cluster; its pid, or ``None`` when there is none."""
+def kill_a_stage_worker() -> int | None:
+    """SIGKILL the process of one running stage of this session's cluster (a Ray Train worker, or the worker running a
+    stage's Ray task); its pid, or ``None`` when there is none."""
     import os
     import signal
 
     import ray
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_tasks
+
+    from hpmkd.components.task_executor import TASK_NAME_PREFIX
 
     address = ray.get_runtime_context().gcs_address  # this session's cluster, even if others run on the machine
-    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True):
-        if actor.class_name == "RayTrainWorker" and actor.pid:
-            os.kill(actor.pid, signal.SIGKILL)
-            return actor.pid
-    return None
+    pids = [actor.pid for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+            if actor.class_name == "RayTrainWorker" and actor.pid]
+    pids += [task.worker_pid for task in list_tasks(address=address, filters=[("state", "=", "RUNNING")], detail=True)
+             if task.name.startswith(TASK_NAME_PREFIX) and task.worker_pid]
+    if not pids:
+        return None
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]

@@ -23,7 +23,7 @@ from hpmkd.evaluation import evaluate
 from hpmkd.data import load_dataset
 from hpmkd.pipelines.runner import run_experiment
 from hpmkd.predictors import WeightSamples, load_predictor
-from conftest import kill_a_train_worker
+from conftest import kill_a_stage_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 MODE_EPOCHS, SAMPLE_EPOCHS = 2, 5
@@ -54,7 +54,7 @@ def kill_chain_mid_sampling(uri: str, stop: threading.Event) -> list[int]:
             continue
         logged = len(client.get_metric_history(runs[0].info.run_id, "val_acc")) if runs else 0
         if MODE_EPOCHS < logged < MODE_EPOCHS + SAMPLE_EPOCHS:
-            pid = kill_a_train_worker()
+            pid = kill_a_stage_worker()
             if pid is not None:
                 killed.append(pid)
     return killed

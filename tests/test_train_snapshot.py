@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hpmkd import checkpoint
+from hpmkd.components.stage_launch import StageLaunch
 from hpmkd.components.stage_runner import run_training_stage
 from hpmkd.components.train_snapshot import SNAPSHOT_FILE, recover_cut_snapshot
 from hpmkd.config import DataConfig, RayConfig, TrainConfig
@@ -19,8 +20,9 @@ SPEC = StageSpec("student", 0, DataConfig(name="digits"), ModelRef("mlp", {"hidd
 
 
 def fit(storage: Path, out: Path, spec: StageSpec = SPEC):
-    return run_training_stage(spec, train_run_name="run", storage_path=str(storage), out_dir=out,
-                              ray_cfg=RayConfig(), tracking_uri="", run_id=None)
+    launch = StageLaunch(spec, train_run_name="run", storage_path=str(storage), ray_cfg=RayConfig(executor="train"),
+                         tracking_uri="", run_id=None)
+    return run_training_stage(launch, out)
 
 
 def test_a_cut_snapshot_resumes_from_the_newest_whole_checkpoint(ray_session, tmp_path):

@@ -14,6 +14,7 @@ from hpmkd import checkpoint
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
 from hpmkd.components.placement import placement_tags
 from hpmkd.components.stage_params import TEACHER_KINDS, LoadTeacher, TrainModel
+from hpmkd.components.stage_launch import StageLaunch
 from hpmkd.components.stage_runner import run_training_stage
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
                                          storage_name)
@@ -31,25 +32,25 @@ def spec_for(stage: Stage, ctx: ExperimentContext, model: ModelRef, train: Any, 
 
 def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: StageSpec, name: str,
                      teacher_actors: list[Any] = (), teacher_cache: list[list[str]] = ()) -> StageOutcome:
-    """Fit ``spec`` on Ray Train, record its files (checkpoint, predictor, MLflow model) in the stage's run, and
+    """Fit ``spec`` on Ray (:mod:`hpmkd.components.stage_runner`), record its files (checkpoint, predictor, MLflow model) in the stage's run, and
     hand its predictor on as a :class:`ModelArtifact` called ``name``.
 
-    The Train run is named after the stage run (:func:`resume_key`): its own folder, or the one of an interrupted
+    Its checkpoints' folder is named after the stage run (:func:`resume_key`): its own, or the one of an interrupted
     run of the same stage, whose checkpoint it resumes.
     """
-    trained = run_training_stage(
+    launch = StageLaunch(
         spec,
         train_run_name=storage_name(ctx, stage, resume_key(ctx, run)),
         storage_path=ctx.storage_path,
-        out_dir=ctx.stage_dir(stage.name),
         ray_cfg=ctx.cfg.ray,
         tracking_uri=ctx.tracker.tracking_uri,
         run_id=run.run_id,
-        teacher_actors=teacher_actors,
-        teacher_cache=teacher_cache,
+        teacher_actors=list(teacher_actors),
+        teacher_cache=list(teacher_cache),
         progress_hub=ctx.progress_hub,
         splits_ref=ctx.splits_ref if spec.data == ctx.cfg.data and spec.seed == ctx.cfg.seed else None,
     )
+    trained = run_training_stage(launch, ctx.stage_dir(stage.name))
     run.phases.update(trained.phases)
     record_model(ctx, run, spec.model, trained.model_path, trained.state_path,
                  as_mlflow_model=ctx.cfg.mlflow.log_models and stage.kind not in TEACHER_KINDS)

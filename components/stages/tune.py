@@ -52,7 +52,7 @@ from hpmkd.components.graph import Stage, StageOutcome, StageResult
 from hpmkd.components.memory import make_record, remember, task_features
 from hpmkd.components.placement import NODE_ID_TAG, cluster_nodes, placement, placement_tags
 from hpmkd.components.stage_params import Distill, Tune, TunedConfig
-from hpmkd.components.stage_runner import worker_teachers
+from hpmkd.components.stage_worker import worker_teachers
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
                                          storage_name)
 from hpmkd.components.stages.distill import distill_setup
