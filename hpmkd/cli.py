@@ -224,11 +224,17 @@ def route_library_messages(*handlers: logging.Handler) -> None:
         logger.propagate = False
 
 
+#: MLflow's switch for the progress bars it prints to stderr while it moves artifacts
+ARTIFACT_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
 def hold_library_messages() -> logging.handlers.MemoryHandler:
     """Keep the libraries' messages in memory while the run is checked (opening a new MLflow store announces its
     tables, for one): a run that passes writes them to its log file (:func:`library_messages_to`). Their warnings and
     errors also show on stderr as they come, so that a refused run, which writes no file, still shows them, above its
-    ``hpmkd: error:`` line."""
+    ``hpmkd: error:`` line. MLflow's artifact progress bars (a reused stage's files read back), which bypass logging,
+    are switched off unless the environment sets ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``."""
+    os.environ.setdefault(ARTIFACT_PROGRESS_BAR, "false")
     shown = logging.StreamHandler(sys.stderr)
     shown.setLevel(logging.WARNING)
     held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)

@@ -131,6 +131,31 @@ def test_library_messages_are_held_while_the_run_is_checked(tmp_path, capfd):
         logging.captureWarnings(False)
 
 
+def test_a_quiet_run_reads_artifacts_back_without_progress_bars(tmp_path, capfd, monkeypatch):
+    """A reused stage reads its files back from MLflow, which drew a progress bar per file on stderr."""
+    from mlflow import MlflowClient
+
+    from hpmkd.cli import ARTIFACT_PROGRESS_BAR, hold_library_messages
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("bars", str(tmp_path / "artifacts"))).info.run_id
+    (tmp_path / "record.json").write_text("{}")
+    client.log_artifact(run_id, str(tmp_path / "record.json"))
+    monkeypatch.setenv(ARTIFACT_PROGRESS_BAR, "true")  # MLflow's default (the variable is restored after the test)
+    capfd.readouterr()
+    client.download_artifacts(run_id, "record.json", str(tmp_path / "loud"))
+    assert "Downloading artifacts" in capfd.readouterr().err
+    try:
+        monkeypatch.delenv(ARTIFACT_PROGRESS_BAR)  # unset, as in a user's shell
+        hold_library_messages().close()
+        client.download_artifacts(run_id, "record.json", str(tmp_path / "quiet"))
+        assert capfd.readouterr().err == ""
+    finally:
+        for name in ("ray", "mlflow", "alembic", "py.warnings"):
+            logging.getLogger(name).handlers, logging.getLogger(name).propagate = [], True
+        logging.captureWarnings(False)
+
+
 # --- estimates and the scheduler -------------------------------------------------------------------------------------
 
 
