@@ -175,3 +175,22 @@ def test_each_method_family_runs_end_to_end(kd_run, recipe, tag, terms):
     assert result["student"]["test_acc"] > 0.3
     weights = [run.data.metrics["teacher_weight.cnn"], run.data.metrics["teacher_weight.mlp"]]
     assert sum(weights) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_finished_run_that_cannot_be_read_back_is_computed_again(kd_run):
+    """Reuse reads a finished stage's ``stage.json`` back; when that fails (here: the file is gone), the stage is
+    computed instead of failing the pipeline, and gives the same result."""
+    summary, uri, _, root = kd_run
+    client = MlflowClient(uri)
+    first = next(s for s in summary["stages"] if s["name"] == "student_alone")
+    record = Path(client.get_run(first["run_id"]).info.artifact_uri.removeprefix("file://")) / "stage.json"
+    hidden = record.with_name("stage.json.hidden")
+    record.rename(hidden)
+    try:
+        again = run_experiment(tiny_config(root), tracking_uri=uri)
+    finally:
+        hidden.rename(record)
+    stages = {s["name"]: s for s in again["stages"]}
+    assert not stages["student_alone"]["reused"] and stages["distill"]["reused"]
+    assert client.get_run(stages["student_alone"]["run_id"]).data.tags["not_read_back"] == first["run_id"]
+    assert stages["student_alone"]["metrics"]["test_acc"] == first["metrics"]["test_acc"]

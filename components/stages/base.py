@@ -8,7 +8,7 @@ it runs, :mod:`hpmkd.components.stage_params`) with one method, :meth:`StageKind
 2. its settings (the seed, the data config and :meth:`StageParams.settings`): logged as params and hashed, with its
    inputs' keys, the data fingerprint and the code version, into its content key (:func:`stage_key`);
 3. a finished run with the same key is reused (its metrics, model and record read back from ``stage.json`` and its
-   files), otherwise the kind runs; when an earlier run of the same stage exists but is not reused, the run says why
+   files; when they cannot be read, tag ``not_read_back``, the stage is computed), otherwise the kind runs; when an earlier run of the same stage exists but is not reused, the run says why
    (tag ``not_reused``: the code changed, or which settings did). While another driver sharing the store computes
    the same key, the stage waits for it and then reuses it (:mod:`hpmkd.components.claims`);
 4. the nested MLflow run closes FINISHED, or FAILED with the error while earlier stages stay as they are.
@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
+
+from mlflow.exceptions import MlflowException
 
 from hpmkd.components import claims
 from hpmkd.components.estimates import work_metrics
@@ -137,12 +139,17 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
             ctx.tracker.log_params(run_id, settings)
             with phases.timed("claim"):
                 previous = claims.claim(ctx.tracker, key, run_id) if ctx.cfg.reuse else None
+            outcome = None
             if previous is not None:
                 log.info("stage %s (%s): reusing finished run %s (same key %s)", stage.name, stage.kind, previous, key)
-                outcome = reuse(ctx, stage, kind, previous)
+                outcome = read_back(ctx, stage, kind, previous)
+            if outcome is not None:
                 ctx.tracker.set_tags(run_id, {"reused": "true", "reused_from": previous})
             else:
-                if ctx.cfg.reuse:
+                if previous is not None:
+                    ctx.tracker.set_tags(run_id, {"not_read_back": previous})
+                    previous = None  # computed, not reused
+                elif ctx.cfg.reuse:
                     explain_not_reused(ctx, stage, settings, run_id)
                 log.info("stage %s (%s) started, MLflow run %s", stage.name, stage.kind, run_id)
                 outcome = kind.run(stage, ctx, inputs, StageRun(run_id, key, phases))
@@ -161,6 +168,27 @@ def execute(stage: Stage, ctx: ExperimentContext, inputs: dict[str, StageResult]
     return StageResult(stage.name, stage.kind, run_id, "FINISHED", time.perf_counter() - began, outcome.metrics,
                        outcome.artifact, outcome.record, key, reused=previous is not None, phases=phases.seconds,
                        placement=outcome.placement)
+
+
+#: how often a finished run is read back before its stage is computed instead
+READ_BACK_ATTEMPTS = 3
+
+
+def read_back(ctx: ExperimentContext, stage: Stage, kind: StageKind, run_id: str) -> StageOutcome | None:
+    """:func:`reuse`, tried :data:`READ_BACK_ATTEMPTS` times a second apart; ``None``, with a warning, when the
+    finished run's record or files still cannot be read: the stage is then computed, which gives the same result.
+    (MLflow reports a failed artifact download without its cause; once, with two drivers and a test suite sharing a
+    2-core machine, a record that was on disk could not be read, and the whole pipeline failed.)"""
+    for attempt in range(1, READ_BACK_ATTEMPTS + 1):
+        try:
+            return reuse(ctx, stage, kind, run_id)
+        except (MlflowException, OSError, ValueError) as err:
+            failure = err
+            if attempt < READ_BACK_ATTEMPTS:
+                time.sleep(1.0)
+    log.warning("stage %s: finished run %s could not be read back (%s); computing the stage instead", stage.name,
+                run_id, failure)
+    return None
 
 
 def reuse(ctx: ExperimentContext, stage: Stage, kind: StageKind, run_id: str) -> StageOutcome:
