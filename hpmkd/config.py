@@ -63,6 +63,9 @@ class DataConfig:
     ``split_seed``: the seed of the split plan (null: the experiment's ``seed``); fixed, every seed of an experiment
     trains on the same splits and only initialisation and batch order vary, as they must where teachers are given
     as checkpoints trained on those splits (a teacher must never have trained on another seed's validation split).
+    ``reserve_train``: leave out of the training split the rows that ``max_train: reserve_train`` selects with the
+    same split seed (:func:`hpmkd.data.splits.training_rows`): teachers trained with it never see a row of the
+    training split of an experiment whose ``max_train`` is that number (``conf/humpkd_teachers.yaml``).
     """
 
     name: str = "fashion_mnist"
@@ -76,11 +79,13 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
     meta_fraction: float | None = None
     split_seed: int | None = None
+    reserve_train: int | None = None
 
     def check(self, path: str) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{join(path, 'val_fraction')}: must be between 0 and 1 (exclusive), got {self.val_fraction}.")
-        positive(path, max_train=self.max_train, max_val=self.max_val, max_test=self.max_test)
+        positive(path, max_train=self.max_train, max_val=self.max_val, max_test=self.max_test,
+                 reserve_train=self.reserve_train)
         if self.split_seed is not None and self.split_seed < 0:
             raise ConfigError(f"{join(path, 'split_seed')}: a seed >= 0 (or null: the experiment's seed), "
                               f"got {self.split_seed}.")
@@ -132,6 +137,7 @@ class DataConfig:
             max_val=self.max_val,
             max_test=self.max_test,
             meta_fraction=self.meta_fraction or 0.0,
+            reserve_train=self.reserve_train,
             download=self.download,
         )
 

@@ -48,7 +48,7 @@ from hpmkd.data import storage
 from hpmkd.data.base import DATASETS, DataSplits
 from hpmkd.data.batching import epoch_order
 from hpmkd.data.fingerprint import fingerprint as data_fingerprint
-from hpmkd.data.splits import stratified_take, stream_rng, subset
+from hpmkd.data.splits import stratified_take, stream_rng, subset, training_rows
 from hpmkd.data.storage import UriPath
 from hpmkd.registry import ConfigError
 
@@ -322,7 +322,7 @@ class ImageFolderData:
         return len(self.classes), (self.preprocess.channels, *self.preprocess.output_size(first.size))
 
     def indices(self, seed: int, val_fraction: float, max_train: int | None, max_val: int | None,
-                max_test: int | None) -> dict[str, tuple[str, np.ndarray]]:
+                max_test: int | None, reserve_train: int | None = None) -> dict[str, tuple[str, np.ndarray]]:
         """Per split, the part it comes from and its row positions there (module docstring)."""
         labels = self.parts["train"].labels
         pool = np.arange(len(labels), dtype=np.int64)
@@ -336,15 +336,16 @@ class ImageFolderData:
                 raise ConfigError(f"data.root: {len(labels)} training images are too few to draw a {split} split.")
             taken, pool = stratified_take(pool, labels[pool], n, stream_rng(seed, split))
             out[split] = ("train", taken)
-        out["train"] = ("train", pool)
-        limits = {"train": max_train, "val": max_val, "test": max_test}
-        return {split: (part, subset(rows, self.parts[part].labels[rows], limits[split],
-                                     stream_rng(seed, f"max_{split}")))
-                for split, (part, rows) in out.items()}
+        limits = {"val": max_val, "test": max_test}
+        chosen = {split: (part, subset(rows, self.parts[part].labels[rows], limits[split],
+                                       stream_rng(seed, f"max_{split}")))
+                  for split, (part, rows) in out.items()}
+        train = training_rows(pool, labels, seed=seed, max_train=max_train, reserve_train=reserve_train)
+        return {**chosen, "train": ("train", train)}
 
     def load_splits(self, name: str, *, seed: int, val_fraction: float, max_train: int | None, max_val: int | None,
-                    max_test: int | None) -> DataSplits:
-        chosen = self.indices(seed, val_fraction, max_train, max_val, max_test)
+                    max_test: int | None, reserve_train: int | None = None) -> DataSplits:
+        chosen = self.indices(seed, val_fraction, max_train, max_val, max_test, reserve_train)
         files = {s: [self.parts[p].files[i] for i in rows] for s, (p, rows) in chosen.items()}
         labels = {s: self.parts[p].labels[rows] for s, (p, rows) in chosen.items()}
         preprocess = self.preprocess
@@ -356,7 +357,8 @@ class ImageFolderData:
                   **{f"labels_{s}": labels[s] for s in files}}
         params = {"seed": seed, "val_fraction": val_fraction, "test_fraction": self.test_fraction,
                   "max_train": max_train, "max_val": max_val, "max_test": max_test, "classes": self.classes,
-                  "preprocessing": json.dumps(asdict(preprocess)), "options": self.options}
+                  "preprocessing": json.dumps(asdict(preprocess)), "options": self.options,
+                  **({"reserve_train": reserve_train} if reserve_train is not None else {})}
         num_classes, shape = self.shape()
         return DataSplits(name=name, train=splits["train"], val=splits["val"], test=splits["test"],
                           num_classes=num_classes, input_shape=shape, class_names=list(self.classes),

@@ -34,6 +34,7 @@ def load_dataset(
     max_val: int | None = None,
     max_test: int | None = None,
     meta_fraction: float = 0.0,
+    reserve_train: int | None = None,
     download: bool = False,
 ) -> DataSplits:
     """Load data set ``name`` (see :data:`DATASETS`) split into train/val/test, fixed by ``seed``.
@@ -43,14 +44,17 @@ def load_dataset(
     an official test split hold out a stratified test split first (20 %). ``options`` are the data set's own
     (``data.options``); they enter the fingerprint. ``meta_fraction > 0`` holds a stratified part of the training
     split out as the meta split (``DataSplits.meta``, :mod:`hpmkd.data.splits`); it enters the fingerprint only then,
-    so every split plan without one keeps its fingerprint.
+    so every split plan without one keeps its fingerprint. ``reserve_train``: the rows ``max_train: reserve_train``
+    would select are left out of the training split (:func:`hpmkd.data.splits.training_rows`); it enters the
+    fingerprint only when given.
     """
-    check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test)
+    check_arguments(val_fraction, max_train=max_train, max_val=max_val, max_test=max_test,
+                    reserve_train=reserve_train)
     check_meta_fraction(meta_fraction)
     raw = read_raw(name, root, download, options)
     if not isinstance(raw, RawData):  # a data set that splits itself: files streamed from disk (image_folder)
         return raw.load_splits(name, seed=seed, val_fraction=val_fraction, max_train=max_train, max_val=max_val,
-                               max_test=max_test)
+                               max_test=max_test, reserve_train=reserve_train)
     check_labels(name, raw)
     idx = split_indices(
         raw.train_y,
@@ -62,6 +66,7 @@ def load_dataset(
         max_val=max_val,
         max_test=max_test,
         meta_fraction=meta_fraction,
+        reserve_train=reserve_train,
     )
     test_x, test_y = (raw.train_x, raw.train_y) if raw.test_x is None else (raw.test_x, raw.test_y)
     prep = fit_preprocessing(raw, raw.train_x[idx.train])
@@ -81,6 +86,7 @@ def load_dataset(
         **prep.params(),
         **({"options": options} if options else {}),  # absent when empty: the fingerprint of every earlier run stays
         **({"meta_fraction": meta_fraction} if meta is not None else {}),  # likewise
+        **({"reserve_train": reserve_train} if reserve_train is not None else {}),  # likewise
     }
     return DataSplits(
         name=name,

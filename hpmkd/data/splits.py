@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hpmkd.registry import ConfigError
+
 #: Random stream of each selection (our choice; only their distinctness matters).
 STREAMS = {"test": 0, "val": 1, "max_train": 2, "max_val": 3, "max_test": 4, "meta": 5, "trial": 6, "holdout": 7}
 
@@ -77,6 +79,23 @@ def subset(indices: np.ndarray, labels: np.ndarray, limit: int | None, rng: np.r
     return stratified_take(indices, labels, limit, rng)[0]
 
 
+def training_rows(pool: np.ndarray, labels: np.ndarray, *, seed: int, max_train: int | None,
+                  reserve_train: int | None = None) -> np.ndarray:
+    """The training split drawn from ``pool`` (row indices into ``labels``, the source's label array).
+
+    ``reserve_train``: the rows that ``max_train: reserve_train`` selects with the same ``seed`` (another experiment's
+    training split, e.g. a data-starved student's labelled pool) are removed first, so that teachers trained with it
+    never see a row of that split; then at most ``max_train`` of the rest are kept, stratified.
+    """
+    if reserve_train is not None:
+        if reserve_train >= len(pool):
+            raise ConfigError(f"data.reserve_train: {reserve_train} rows reserved, but the training split has only "
+                              f"{len(pool)}; reserve fewer (the other experiment's data.max_train).")
+        reserved = subset(pool, labels[pool], reserve_train, stream_rng(seed, "max_train"))
+        pool = np.setdiff1d(pool, reserved)
+    return subset(pool, labels[pool], max_train, stream_rng(seed, "max_train"))
+
+
 @dataclass(frozen=True)
 class SplitIndices:
     """Row indices of each split: ``train``/``val``/``meta`` into the source training array, ``test`` into the test
@@ -100,12 +119,14 @@ def split_indices(
     max_val: int | None,
     max_test: int | None,
     meta_fraction: float = 0.0,
+    reserve_train: int | None = None,
 ) -> SplitIndices:
     """The seeded, stratified splits.
 
     Without an official test split (``test_y is None``), ``round(test_fraction · N)`` samples are held out first.
     The validation split takes ``round(val_fraction · N_pool)`` of the remaining pool (at least 1, leaving at least
-    one training sample); the ``max_*`` limits then take stratified subsets of each split. With ``meta_fraction > 0``
+    one training sample); the ``max_*`` limits then take stratified subsets of each split (the training split less
+    ``reserve_train``'s rows, :func:`training_rows`). With ``meta_fraction > 0``
     the meta split takes ``round(meta_fraction · N_train)`` of the final training split (at least 1, leaving at
     least one training sample), stratified, from its own stream.
     """
@@ -119,7 +140,7 @@ def split_indices(
         test_labels = test_y
     n_val = min(max(round(val_fraction * len(pool)), 1), len(pool) - 1)
     val, train = stratified_take(pool, train_y[pool], n_val, stream_rng(seed, "val"))
-    train = subset(train, train_y[train], max_train, stream_rng(seed, "max_train"))
+    train = training_rows(train, train_y, seed=seed, max_train=max_train, reserve_train=reserve_train)
     meta = np.zeros(0, dtype=np.int64)
     if meta_fraction > 0:
         n_meta = min(max(round(meta_fraction * len(train)), 1), len(train) - 1)
