@@ -321,6 +321,35 @@ def test_the_meta_split_enters_the_fingerprint_only_when_there_is_one():
         load_dataset("digits", meta_fraction=1.0)
 
 
+def test_reserve_train_leaves_out_exactly_the_rows_another_experiments_max_train_selects():
+    labels = np.repeat(np.arange(4), [40, 30, 20, 10])
+    kwargs = dict(seed=3, val_fraction=0.1, test_fraction=0.2, max_val=None, max_test=None)
+    student = split_indices(labels, None, **kwargs, max_train=12)  # another experiment's training split
+    everything = split_indices(labels, None, **kwargs, max_train=None)
+    teachers = split_indices(labels, None, **kwargs, max_train=None, reserve_train=12)
+    assert not set(teachers.train) & set(student.train)
+    assert sorted([*teachers.train, *student.train]) == sorted(everything.train)  # the rest, all of it
+    np.testing.assert_array_equal(teachers.val, everything.val)  # nothing else moves
+    np.testing.assert_array_equal(teachers.test, everything.test)
+    capped = split_indices(labels, None, **kwargs, max_train=30, reserve_train=12)
+    assert len(capped.train) == 30 and set(capped.train) <= set(teachers.train)
+    remaining = np.bincount(labels[teachers.train], minlength=4)
+    assert remaining.tolist() == (np.bincount(labels[everything.train], minlength=4)
+                                  - np.bincount(labels[student.train], minlength=4)).tolist()
+    assert np.bincount(labels[capped.train], minlength=4).tolist() == allocate(remaining, 30).tolist()
+    with pytest.raises(ConfigError, match=r"data.reserve_train: 72 rows reserved, but the training split has only 72"):
+        split_indices(labels, None, **kwargs, max_train=None, reserve_train=72)
+
+
+def test_reserve_train_enters_the_fingerprint_only_when_given():
+    base = load_dataset("digits", seed=1)
+    reserved = load_dataset("digits", seed=1, reserve_train=100)
+    assert reserved.fingerprint != base.fingerprint and len(reserved.train) == len(base.train) - 100
+    assert load_dataset("digits", seed=1, reserve_train=None).fingerprint == base.fingerprint
+    with pytest.raises(ConfigError, match="data.reserve_train"):
+        load_dataset("digits", reserve_train=0)
+
+
 def test_trial_rows_are_a_seeded_stratified_share_and_a_row_subset_serves_the_parent_indices():
     labels = np.repeat(np.arange(3), [50, 30, 20])
     rows = trial_rows(labels, 0.2, seed=4)

@@ -4,11 +4,13 @@ streamed folder)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -27,6 +29,10 @@ from hpmkd.teachers import TeacherSpec, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU, FIRE = ROOT / "conf" / "humpkd.yaml", ROOT / "conf" / "humpkd_fire.yaml"
+TEACHERS = ROOT / "conf" / "humpkd_teachers.yaml"
+#: conf/humpkd.yaml with its teachers trained in the run (conf/humpkd_teachers.yaml's models), as a user's own data needs
+TRAINED_HERE = "teachers=" + json.dumps([{k: t[k] for k in ("name", "model", "options")}
+                                          for t in yaml.safe_load(TEACHERS.read_text())["teachers"]])
 
 
 def stages(path: Path = CPU, *overrides: str) -> dict:
@@ -34,9 +40,9 @@ def stages(path: Path = CPU, *overrides: str) -> dict:
 
 
 def test_the_graph_holds_out_rows_from_the_teachers_and_stacks_the_meta_mlp_on_them():
-    graph = stages()
+    graph = stages(CPU, TRAINED_HERE)
     assert list(graph) == ["teacher_swin", "teacher_vit", "student_alone", "meta_mlp", "plain_kd", "distill"]
-    holdout = HoldOut(0.2, 0)
+    holdout = HoldOut(0.25, 0)
     assert graph["teacher_swin"].params.holdout == holdout == graph["teacher_vit"].params.holdout
     assert graph["student_alone"].params.holdout is None  # the student trains on every training row
     meta: FitMetaMLP = graph["meta_mlp"].params
@@ -53,7 +59,7 @@ def test_the_graph_holds_out_rows_from_the_teachers_and_stacks_the_meta_mlp_on_t
 
 @pytest.mark.parametrize("part", ["uncertainty", "hierarchical", "multistage", "meta"])
 def test_each_part_switched_off_leaves_the_rest_and_the_teachers_alone(part):
-    on, off = stages(), stages(CPU, f"humpkd.{part}=false")
+    on, off = stages(CPU, TRAINED_HERE), stages(CPU, TRAINED_HERE, f"humpkd.{part}=false")
     assert off["teacher_swin"].params == on["teacher_swin"].params  # same teachers: reused by content key
     assert off["plain_kd"].params == on["plain_kd"].params
     full, ablated = on["distill"].params.recipe.distill, off["distill"].params.recipe.distill
@@ -67,6 +73,25 @@ def test_each_part_switched_off_leaves_the_rest_and_the_teachers_alone(part):
     else:
         assert "meta_mlp" not in off and off["distill"].params.teachers == ("teacher_swin", "teacher_vit")
         assert ablated == full
+
+
+def test_the_shipped_teachers_never_trained_on_the_students_pool():
+    """conf/humpkd.yaml loads the teachers conf/humpkd_teachers.yaml trains (same names, models and options), and those
+    never saw a row of conf/humpkd.yaml's training split (data.reserve_train: its max_train): the Meta-MLP, fitted on
+    a part of that split, is fitted on rows its base teachers never trained on; nor did they train on its validation
+    split."""
+    cfg, recipe = load_config(CPU), load_config(TEACHERS)
+    graph = stages()
+    assert [type(graph[f"teacher_{t}"].params).__name__ for t in ("swin", "vit")] == ["LoadTeacher"] * 2
+    assert [(t.name, t.ref) for t in cfg.teachers] == [(t.name, t.ref) for t in recipe.teachers]
+    assert recipe.pipeline == "teachers" and recipe.student.ref == cfg.student.ref
+    assert recipe.data.reserve_train == cfg.data.max_train and cfg.data.split_seed is not None
+    student, teachers = (load_dataset(c.data.name, **c.data.loader_kwargs(c.seed)) for c in (cfg, recipe))
+    seen = {row.numpy().tobytes() for row in teachers.train.x}
+    assert len(teachers.train) == recipe.data.max_train
+    assert not seen & {row.numpy().tobytes() for part in (student.train, student.val) for row in part.x}
+    # the same validation split: the teachers were selected on a superset of the rows the students are selected on
+    assert {row.numpy().tobytes() for row in student.val.x} <= {row.numpy().tobytes() for row in teachers.val.x}
 
 
 def test_humpkd_config_errors_name_the_key():

@@ -68,6 +68,18 @@ def test_a_folder_is_decoded_for_real_and_split_deterministically(tmp_path):
     assert other_seed.test.files != splits.test.files and other_seed.fingerprint != splits.fingerprint
 
 
+def test_reserve_train_leaves_another_experiments_images_out_of_the_training_split(tmp_path):
+    write_folder(tmp_path)
+    kwargs = dict(root=str(tmp_path), seed=0, options={"workers": 0, "mean": [0.5] * 3, "std": [0.25] * 3})
+    everything = load_dataset("image_folder", **kwargs)
+    student = load_dataset("image_folder", **kwargs, max_train=6)
+    teachers = load_dataset("image_folder", **kwargs, reserve_train=6)
+    assert not set(teachers.train.files) & set(student.train.files)
+    assert sorted(teachers.train.files + student.train.files) == sorted(everything.train.files)
+    assert teachers.val.files == everything.val.files and teachers.test.files == everything.test.files
+    assert teachers.fingerprint != everything.fingerprint
+
+
 def test_fixed_split_folders_resize_crop_grey_and_estimated_statistics(tmp_path):
     write_folder(tmp_path / "train", per_class=8, size=(20, 30))
     write_folder(tmp_path / "test", per_class=3, size=(24, 24), seed=1)
