@@ -129,9 +129,8 @@ def distill_spec(data: DataConfig, teachers: int, epochs: int, seed: int = 0) ->
                      teacher_names=[f"t{i}" for i in range(teachers)], teacher_models=[TEACHER] * teachers)
 
 
-def start_ray(preload: bool = True) -> None:
-    """A local Ray; ``preload``: its workers import a stage's libraries as they start (``ray.preload_workers``)."""
-    ensure_ray(None, None, None, preload=preload, log_to_driver=False)
+def start_ray() -> None:
+    ensure_ray(None, None, None, log_to_driver=False)
 
 
 def start_teachers(specs: list[TeacherSpec], weights: list[str], cpus: float = 0.5) -> list[TeacherPool]:

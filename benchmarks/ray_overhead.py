@@ -1,9 +1,8 @@
 """The cost of running a stage on Ray: a distill stage through each stage executor against the same loop in plain
 PyTorch, side by side; and a whole pipeline's wall time against the training time on its critical path.
 
-    python benchmarks/ray_overhead.py [--sizes 30s 2min] [--quick] [--executors task train] [--no-preload]
+    python benchmarks/ray_overhead.py [--sizes 30s 2min] [--quick] [--executors task train]
     python benchmarks/ray_overhead.py --sizes --pipeline conf/default.yaml [--set key=value ...] [--orders]
-        [--no-preload]
 
 **Stages.** Every run executes :func:`hpmkd.training.train_stage` on the same spec (default student, KD from one
 cached ``cnn_small`` teacher, Fashion-MNIST, batch 128, one thread): first in this process (no checkpoints, no
@@ -16,9 +15,7 @@ stage's workers read the driver's, and copies the selected weights out at the en
 read by all. Sizes: ``30s`` (5,000 images, 36 epochs) and ``2min`` (20,000 images, 36 epochs), each about that long
 in plain PyTorch on an idle core. Reported per size and run: wall time; the sum of the epochs' own times (training
 and validation, ``epoch_time_s``) and its ratio to plain (the per-epoch cost); the fixed cost (wall minus epochs) and
-what Ray adds to plain's; Ray's phases (:mod:`hpmkd.phases`). Ray starts first, and its idle worker processes
-import a stage's libraries as they start (:mod:`hpmkd.components.worker_preload`) while the plain loop runs;
-``--no-preload`` leaves them bare, so the first task pays those imports itself.
+what Ray adds to plain's; Ray's phases (:mod:`hpmkd.phases`).
 
 **Pipeline** (``--pipeline CONFIG``): the experiment runs end to end in a fresh MLflow store (``reuse`` off), and
 its wall time is compared with the training time on its critical path: along the chain of stages with the largest
@@ -167,13 +164,9 @@ def main() -> None:
     ap.add_argument("--pipeline", metavar="CONFIG", help="also run this experiment and compare with its critical path")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--orders", action="store_true", help="run the pipeline in listed order, then critical path first")
-    ap.add_argument("--no-preload", action="store_true",
-                    help="Ray's workers import nothing as they start (ray.preload_workers: false)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    start_ray(preload=not args.no_preload)
-    if args.no_preload:
-        args.overrides.append("ray.preload_workers=false")
+    start_ray()
     sizes = {"quick": QUICK} if args.quick else {s: SIZES[s] for s in args.sizes}
     overhead = None
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """hpmkd against torchdistill: the same teacher, student, data, KD loss, optimiser, batch size and epochs, side by side.
 
-    python benchmarks/vs_torchdistill.py [--quick] [--train 10000] [--epochs 8] [--teacher-epochs 3] [--no-preload]
+    python benchmarks/vs_torchdistill.py [--quick] [--train 10000] [--epochs 8] [--teacher-epochs 3]
 
 torchdistill runs in its own environment, ``benchmarks/.venv-torchdistill``, which this script creates the first
 time (about 30 s) with the equivalent of::
@@ -93,11 +93,10 @@ def hpmkd_settings(data, epochs: int, teacher_path: str) -> dict:
     }
 
 
-def run_hpmkd(data, epochs: int, teacher: Path, folder: Path, preload: bool) -> dict:
+def run_hpmkd(data, epochs: int, teacher: Path, folder: Path) -> dict:
     from hpmkd.pipelines.runner import run_experiment
 
-    settings = hpmkd_settings(data, epochs, str(teacher)) | {"output_dir": str(folder / "runs"),
-                                                             "ray": {"preload_workers": preload}}
+    settings = hpmkd_settings(data, epochs, str(teacher)) | {"output_dir": str(folder / "runs")}
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     summary = run_experiment(config_from_data(settings), tracking_uri=uri)
     stage = next(s for s in summary["stages"] if s["name"] == "distill")
@@ -125,8 +124,6 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=10000, help="training images")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--teacher-epochs", type=int, default=3)
-    ap.add_argument("--no-preload", action="store_true",
-                    help="Ray's workers import nothing as they start (ray.preload_workers: false)")
     args = ap.parse_args()
     train, epochs, teacher_epochs = (2000, 2, 1) if args.quick else (args.train, args.epochs, args.teacher_epochs)
     torch.set_num_threads(1)
@@ -137,7 +134,7 @@ def main() -> None:
         teacher = folder / "teacher.pt"
         train_teacher(data, teacher_epochs, teacher)
         results = {"torchdistill": run_torchdistill(python, data, epochs, teacher, folder),
-                   "hpmkd": run_hpmkd(data, epochs, teacher, folder, not args.no_preload)}
+                   "hpmkd": run_hpmkd(data, epochs, teacher, folder)}
 
     print(f"\n{train} Fashion-MNIST training images, {epochs} epochs, batch {BATCH}, KD 0.1 CE + 0.9 KD at T=4, SGD, "
           f"teacher {TEACHER.model} (full stem), student {STUDENT.model}")

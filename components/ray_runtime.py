@@ -24,8 +24,6 @@ from typing import Any, Iterator
 import ray
 import ray._private.ray_constants as ray_constants
 
-from hpmkd.components.worker_preload import HOOK
-
 # Measured with Ray 2.60: a 0.2 s health check saves ~2 s per TorchTrainer.fit; the preemption watcher
 # only prints noise outside preemptible clouds. Users can override both in the environment.
 RAY_DEFAULT_ENV = {
@@ -65,10 +63,9 @@ def reread_auth_token() -> None:
 
 
 def ensure_ray(address: str | None, num_cpus: int | None, tracking_uri: str | None, bind_host: str = "127.0.0.1",
-               preload: bool = True, **init_kwargs: Any) -> dict[str, Any]:
+               **init_kwargs: Any) -> dict[str, Any]:
     """Connect to Ray (once per process) and return its cluster resources. A new local instance binds to
-    ``bind_host`` (module docstring); with ``preload`` its worker processes import a stage's libraries as they start
-    (:mod:`hpmkd.components.worker_preload`).
+    ``bind_host`` (module docstring).
 
     Stages pass the tracking URI to their workers explicitly; it is also exported to every Ray process so user code
     running inside Ray (``mlflow.start_run()``) records into the same store.
@@ -94,7 +91,7 @@ def ensure_ray(address: str | None, num_cpus: int | None, tracking_uri: str | No
                 ray.init(
                     address="local",  # a new local instance, never a stray `ray start` cluster on this machine
                     num_cpus=num_cpus,
-                    runtime_env={"env_vars": env_vars, **({"worker_process_setup_hook": HOOK} if preload else {})},
+                    runtime_env={"env_vars": env_vars},
                     dashboard_host=bind_host,
                     **({} if loopback else {"_node_ip_address": bind_host}),
                     **init_kwargs,

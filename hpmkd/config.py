@@ -333,8 +333,6 @@ class RayConfig:
     ``executor``: what runs a training stage: ``task`` (one Ray task in a pooled worker process: no Ray Train start-up,
     one worker only), ``train`` (a Ray Train ``TorchTrainer``, any number of workers) or ``auto`` (``task`` for one
     worker, ``train`` for several); both train bit for bit the same (:mod:`hpmkd.components.stage_runner`).
-    ``preload_workers``: the worker processes of a local Ray import a stage's libraries as they start, before the first
-    stage reaches them (:mod:`hpmkd.components.worker_preload`).
     """
 
     address: str | None = None
@@ -354,7 +352,6 @@ class RayConfig:
     share_splits: bool = True
     cache_fill: str = "actors"
     executor: str = "auto"
-    preload_workers: bool = True
 
     def check(self, path: str) -> None:
         positive(path, num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,

@@ -81,7 +81,7 @@ def run_experiment(
     orphans.sweep(tracker.client, tracker.experiment_id)
     out_root = Path(cfg.output_dir).resolve()
     storage_path = cfg.ray.storage_path or str(out_root / "ray")
-    resources = ensure_ray(cfg.ray.address, cfg.ray.num_cpus, tracking_uri, cfg.ray.bind_host, cfg.ray.preload_workers,
+    resources = ensure_ray(cfg.ray.address, cfg.ray.num_cpus, tracking_uri, cfg.ray.bind_host,
                            **{"log_to_driver": cfg.ray.log_to_driver, **(ray_init or {})})
     check_resources(stages, cfg.ray, cluster_nodes())  # a stage the cluster cannot hold fails before anything runs
     log.info("experiment %r, pipeline %s: %d stages; MLflow %s", cfg.experiment, cfg.pipeline, len(stages), tracking_uri)

@@ -4,9 +4,6 @@ and the scheduler's duration estimates learnt from recorded runs (critical path 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -313,32 +310,3 @@ def test_tune_trials_are_shown_as_rows_of_their_stage(ray_session, tmp_path):
     for trial in trials:
         assert [(done, total) for name, done, total, _ in display.epochs if name == trial] == [(1, 2), (2, 2)]
     assert {name for name, _ in display.ends} >= trials | {"tune"}
-
-
-# --- worker preload -------------------------------------------------------------------------------------------------
-
-PRELOAD_PROBE = """
-import sys, time, ray
-from hpmkd.components.ray_runtime import ensure_ray
-from hpmkd.components.worker_preload import PRELOADED
-
-@ray.remote(num_cpus=1)
-def imported():
-    return [name in sys.modules for name in PRELOADED]
-
-for preload in (True, False):
-    ensure_ray(None, 1, None, preload=preload, log_to_driver=False, include_dashboard=False)
-    print(preload, ray.get(imported.remote()), flush=True)
-    ray.shutdown()
-"""
-
-
-def test_a_local_rays_workers_import_a_stages_libraries_before_their_first_task(tmp_path):
-    """A fresh local Ray (a subprocess: this session's Ray is shared): with ``preload`` its worker process has torch,
-    MLflow, the stage code and scikit-learn's metrics imported when the first task arrives; without it, none."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run([sys.executable, "-c", PRELOAD_PROBE], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(("True", "False"))]
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert lines == ["True [True, True]", "False [False, False]"], done.stdout
