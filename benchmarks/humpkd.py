@@ -94,11 +94,12 @@ def main() -> None:
     splits = load_dataset(cfg.data.name, **cfg.data.loader_kwargs(cfg.seed))
     image = splits.test.rows(torch.arange(1))[0]
     client = MlflowClient(uri)
+    shipped = {f"teacher {t.name}": t.checkpoint for t in cfg.teachers if t.checkpoint}  # loaded, not trained
     predictors = {}
     with tempfile.TemporaryDirectory() as folder:
         for row, (ref, run_id) in models.items():
             source = client.get_run(run_id).data.tags.get("reused_from", run_id)  # a reused stage's files
-            path = client.download_artifacts(source, "checkpoint/model.pt", f"{folder}/{run_id}")
+            path = shipped.get(row) or client.download_artifacts(source, "checkpoint/model.pt", f"{folder}/{run_id}")
             predictors[row] = load_predictor(path, ref, splits.shape).eval()
     fps: dict[str, list[float]] = {row: [] for row in predictors}
     for _ in range(ROUNDS):
