@@ -163,10 +163,10 @@ def test_humpkd_runs_end_to_end_on_an_image_folder(ray_session, tracking_uri, tm
     runs = child_runs(client, client.get_experiment_by_name(cfg.experiment).experiment_id, summary["parent_run_id"])
     assert set(runs) == {"teacher_swin", "teacher_vit", "meta_mlp", "distill"}
     splits = load_dataset("image_folder", **cfg.data.loader_kwargs(cfg.seed))
-    held = HoldOut(0.2, 0).held(splits.train)
+    held = HoldOut(0.25, 0).held(splits.train)  # conf/humpkd.yaml's humpkd.holdout
     meta = runs["meta_mlp"].data
     assert meta.tags["holdout_verified"] == "true" and meta.metrics["holdout_rows"] == len(held)
-    assert meta.params["holdout.fraction"] == "0.2" and "val_acc" in meta.metrics
+    assert meta.params["holdout.fraction"] == "0.25" and "val_acc" in meta.metrics
     distill = runs["distill"].data
     assert distill.tags["teacher_outputs"] == "cache" and distill.metrics["cache_entries"] == 3
     for key in ("test_acc", "test_macro_f1", "test_noise_macro_f1", "test_motion_blur_acc", "test_cpu_fps",
