@@ -13,9 +13,10 @@ comparable on a busy machine.
 Ten seeds by default, as the paper's ten trials: with n paired seeds the smallest two-sided Wilcoxon p is 2/2^n, 0.0625
 for five, so five seeds can never show p < 0.05 on that test. Seeds can run in several processes on one store
 (``--seeds 0 1 2 3 4`` and ``--seeds 5 6 7 8 9``); a last run with every seed reuses each stage from the store by its
-content key and prints the whole table from the records.
+content key and prints the whole table from the records. ``--ablation-seeds K`` removes the parts on the first K
+seeds only (each contribution is then paired over those K seeds).
 
-    python benchmarks/humpkd.py [--seeds 0 1 ... 9] [--tracking-uri URI] [--set key=value ...]
+    python benchmarks/humpkd.py [--seeds 0 1 ... 9] [--ablation-seeds K] [--tracking-uri URI] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "conf" / "humpkd.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    ap.add_argument("--ablation-seeds", type=int, metavar="K",
+                    help="remove each part in turn on the first K of --seeds only (default: all of them)")
     ap.add_argument("--tracking-uri")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="[hpmkd %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     uri = args.tracking_uri or default_tracking_uri()
+    ablated_seeds = args.seeds[:args.ablation_seeds]
     rows: dict[str, list[dict]] = {}
     models: dict[str, tuple[ModelRef, str]] = {}  # seed 0: row -> (model, run id)
     for seed in args.seeds:
@@ -81,7 +85,7 @@ def main() -> None:
             rows.setdefault(row, []).append(stage_metrics(full, stage))
             if seed == args.seeds[0]:
                 models[row] = (refs.get(row, cfg.student.ref), stage_run(full, stage))
-        for part, row in ABLATED.items():
+        for part, row in ABLATED.items() if seed in ablated_seeds else ():
             ablated = load_config(args.config, [*common, f"humpkd.{part}=false", "humpkd.plain_kd=false",
                                                 "distill.baseline=false"])
             summary = run_experiment(ablated, tracking_uri=uri, tags={"benchmark": "humpkd", "ablation": part})
@@ -128,7 +132,7 @@ def print_table(rows: dict[str, list[dict]], speed: dict[str, tuple[torch.nn.Mod
                     f"({fps / student_fps:.2f}x)")
         tests = "| - | - | -"
         if row not in (ALONE, "Meta-MLP") and not row.startswith("teacher "):
-            cmp = compare_trials([r[METRICS["clean"]] for r in results], alone)
+            cmp = compare_trials([r[METRICS["clean"]] for r in results], alone[:len(results)])  # paired by seed
             tests = f"| {cmp.welch_p:.4f} | {cmp.wilcoxon_p:.4f} | {cmp.wins}/{cmp.trials}"
         print(f"| {row} {size} | " + " | ".join(fmt([r[m] for r in results]) for m in METRICS.values()) + f" {tests} |")
     full, plain = [r[METRICS["clean"]] for r in rows[FULL]], [r[METRICS["clean"]] for r in rows[PLAIN]]
@@ -136,7 +140,9 @@ def print_table(rows: dict[str, list[dict]], speed: dict[str, tuple[torch.nn.Mod
     print(f"HumP-KD against plain KD (clean macro-F1): Welch p = {vs_plain.welch_p:.4f}, Wilcoxon p = "
           f"{vs_plain.wilcoxon_p:.4f}, better in {vs_plain.wins}/{vs_plain.trials} seeds", flush=True)
     for part, row in ABLATED.items():
-        drop = [f - a[METRICS["clean"]] for f, a in zip(full, rows[row])]
+        drop = [f - a[METRICS["clean"]] for f, a in zip(full, rows.get(row, []))]  # the first seeds: paired
+        if not drop:
+            continue
         print(f"contribution of {part}: {statistics.mean(drop) * 100:+.2f} macro-F1 points (HumP-KD minus "
               f"without it, mean over seeds; {sum(d > 0 for d in drop)}/{len(drop)} seeds positive)", flush=True)
 
