@@ -1,6 +1,7 @@
 """hpmkd against torchdistill: the same teacher, student, data, KD loss, optimiser, batch size and epochs, side by side.
 
     python benchmarks/vs_torchdistill.py [--quick] [--train 10000] [--epochs 8] [--teacher-epochs 3]
+                                         [--teacher-replicas N] [--teacher-cpus C]
 
 torchdistill runs in its own environment, ``benchmarks/.venv-torchdistill``, which this script creates the first
 time (about 30 s) with the equivalent of::
@@ -18,7 +19,7 @@ time (about 30 s) with the equivalent of::
 2. torchdistill (``torchdistill_side.py``, in its environment): ``DistillationBox`` + ``KDLoss``, its DataLoader, the
    teacher's forward pass at every step (torchdistill has no teacher-output cache).
 3. hpmkd: ``run_experiment`` on the same settings (``load_teacher`` + ``distill`` stage, ``teacher_outputs: auto``,
-   so the logit cache), on Ray Train, recorded in MLflow.
+   so the logit cache), as one Ray task (``ray.executor: auto``), recorded in MLflow; its phases are printed.
 
 Both: Fashion-MNIST rows from hpmkd's loader (seed 0), student ``cnn`` (width 9, strided stem), loss
 ``0.1 · CE + 0.9 · T² · KL`` at ``T = 4``, SGD (lr 0.05, momentum 0.9, weight decay 5e-4), cosine learning rate per
@@ -80,7 +81,7 @@ def train_teacher(data, epochs: int, path: Path) -> None:
     print(f"teacher {TEACHER.model} {TEACHER.options}: test acc {result['test_acc']:.4f} after {epochs} epochs")
 
 
-def hpmkd_settings(data, epochs: int, teacher_path: str) -> dict:
+def hpmkd_settings(data, epochs: int, teacher_path: str, ray_settings: dict) -> dict:
     return {
         "experiment": "vs-torchdistill", "pipeline": "kd", "seed": 0,
         "data": to_dict(data),
@@ -90,20 +91,22 @@ def hpmkd_settings(data, epochs: int, teacher_path: str) -> dict:
                   "momentum": RECIPE["momentum"], "weight_decay": RECIPE["weight_decay"], "lr_schedule": "cosine"},
         "distill": {"ce_weight": RECIPE["ce_weight"], "methods": {"kd": {"weight": RECIPE["kd_weight"]}},
                     "temperature": {"schedule": "fixed", "T": RECIPE["T"]}, "baseline": False},
+        "ray": ray_settings,
     }
 
 
-def run_hpmkd(data, epochs: int, teacher: Path, folder: Path) -> dict:
+def run_hpmkd(data, epochs: int, teacher: Path, folder: Path, ray_settings: dict) -> dict:
     from hpmkd.pipelines.runner import run_experiment
 
-    settings = hpmkd_settings(data, epochs, str(teacher)) | {"output_dir": str(folder / "runs")}
+    settings = hpmkd_settings(data, epochs, str(teacher), ray_settings) | {"output_dir": str(folder / "runs")}
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     summary = run_experiment(config_from_data(settings), tracking_uri=uri)
     stage = next(s for s in summary["stages"] if s["name"] == "distill")
     client = MlflowClient(uri)
     times = [m.value for m in sorted(client.get_metric_history(stage["run_id"], "epoch_time_s"), key=lambda m: m.step)]
     return {"epoch_times": times, "wall": stage["wall_s"], "test_acc": stage["metrics"]["test_acc"],
-            "val_acc": stage["metrics"]["val_acc"], "source": client.get_run(stage["run_id"]).data.tags["teacher_outputs"]}
+            "val_acc": stage["metrics"]["val_acc"], "source": client.get_run(stage["run_id"]).data.tags["teacher_outputs"],
+            "phases": stage["phases"]}
 
 
 def run_torchdistill(python: Path, data, epochs: int, teacher: Path, folder: Path) -> dict:
@@ -124,8 +127,12 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=10000, help="training images")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--teacher-replicas", type=int, help="hpmkd's ray.teacher_replicas (default: the config's, 1)")
+    ap.add_argument("--teacher-cpus", type=float, help="hpmkd's ray.teacher_cpus (default: the config's, 0.5)")
     args = ap.parse_args()
     train, epochs, teacher_epochs = (2000, 2, 1) if args.quick else (args.train, args.epochs, args.teacher_epochs)
+    ray_settings = {key: value for key, value in {"teacher_replicas": args.teacher_replicas,
+                                                  "teacher_cpus": args.teacher_cpus}.items() if value is not None}
     torch.set_num_threads(1)
     python = torchdistill_python()
     data = data_config(train)
@@ -134,7 +141,7 @@ def main() -> None:
         teacher = folder / "teacher.pt"
         train_teacher(data, teacher_epochs, teacher)
         results = {"torchdistill": run_torchdistill(python, data, epochs, teacher, folder),
-                   "hpmkd": run_hpmkd(data, epochs, teacher, folder)}
+                   "hpmkd": run_hpmkd(data, epochs, teacher, folder, ray_settings)}
 
     print(f"\n{train} Fashion-MNIST training images, {epochs} epochs, batch {BATCH}, KD 0.1 CE + 0.9 KD at T=4, SGD, "
           f"teacher {TEACHER.model} (full stem), student {STUDENT.model}")
@@ -148,6 +155,8 @@ def main() -> None:
     print(f"test accuracy gap (hpmkd - torchdistill): {gap:+.2f} points; epoch time ratio "
           f"{epoch['hpmkd'] / epoch['torchdistill']:.2f}; stage wall ratio "
           f"{results['hpmkd']['wall'] / results['torchdistill']['wall']:.2f}")
+    phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in results["hpmkd"]["phases"].items())
+    print(f"hpmkd stage phases (s): {phases}")
     print(f"time_ratio={epoch['hpmkd'] / epoch['torchdistill']:.3f}")
 
 
