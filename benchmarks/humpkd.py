@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--tracking-uri")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    if args.ablation_seeds is not None and args.ablation_seeds < 0:
+        ap.error(f"--ablation-seeds {args.ablation_seeds}: give a count of seeds, 0 or more (0: no ablation)")
     logging.basicConfig(level=logging.INFO, format="[hpmkd %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     uri = args.tracking_uri or default_tracking_uri()
     ablated_seeds = args.seeds[:args.ablation_seeds]

@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--teacher-replicas", type=int, help="hpmkd's ray.teacher_replicas (default: the config's, 1)")
     ap.add_argument("--teacher-cpus", type=float, help="hpmkd's ray.teacher_cpus (default: the config's, 0.5)")
     args = ap.parse_args()
+    for flag, value in (("--teacher-replicas", args.teacher_replicas), ("--teacher-cpus", args.teacher_cpus)):
+        if value is not None and value <= 0:
+            ap.error(f"{flag} {value}: must be above 0")
     train, epochs, teacher_epochs = (2000, 2, 1) if args.quick else (args.train, args.epochs, args.teacher_epochs)
     ray_settings = {key: value for key, value in {"teacher_replicas": args.teacher_replicas,
                                                   "teacher_cpus": args.teacher_cpus}.items() if value is not None}
