@@ -25,7 +25,9 @@ proposals, and hands the best configuration (on validation) to the stages that d
   of the same stage was interrupted, after that run (:func:`hpmkd.components.stages.resume_key`); a stage that
   finds it (``Tuner.can_restore``) calls ``Tuner.restore``: finished trials are kept, unfinished and errored ones
   continue from their last per-epoch checkpoint, and their MLflow runs are picked up again. With ``reuse: false``
-  nothing is restored, the search starts afresh.
+  nothing is restored, the search starts afresh. The state is written so that a driver killed mid-write leaves it
+  whole, and checked before it is restored (:mod:`hpmkd.components.tune_storage`): a search whose state is cut off
+  anyway (written by an older hpmkd) is set aside and started again, with a warning, rather than half-restored.
 * **Output**: ``overrides`` (the config key paths of the best configuration), which every stage depending on this
   one runs with (:func:`hpmkd.components.stages.configured`); plus the proposals, their source and the chosen config.
 """
@@ -56,6 +58,7 @@ from hpmkd.components.stage_worker import worker_teachers
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
                                          storage_name)
 from hpmkd.components.stages.distill import distill_setup
+from hpmkd.components.tune_storage import resumable, search_storage
 from hpmkd.components.tracking import log_metrics, log_params
 from hpmkd.config import ExperimentConfig, Recipe
 from hpmkd.meta_features import TaskFeatures
@@ -214,17 +217,20 @@ def experiment_path(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}"
 
 
-def make_tuner(setup: TrialSetup, points: list[dict[str, float]], name: str, storage_path: str) -> tuple[tune.Tuner, bool]:
-    """A new Tuner, or the one restored from ``storage_path/name`` (True) when an earlier run of the stage left it."""
+def make_tuner(setup: TrialSetup, points: list[dict[str, float]], name: str,
+               storage: tuple[pyarrow.fs.FileSystem, str]) -> tuple[tune.Tuner, bool]:
+    """A new Tuner, or the one restored from ``name`` in ``storage`` (True) when an earlier run of the stage left a
+    whole state there (:mod:`hpmkd.components.tune_storage`)."""
     cm = setup.cfg.config_manager
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": cm.cpus_per_trial, "gpu": cm.gpus_per_trial})
     os.environ.setdefault(SNAPSHOT_PERIOD, SNAPSHOT_PERIOD_S)  # read when Tuner.fit builds its controller
     os.environ.setdefault(OUTPUT_ENGINE, OUTPUT_ENGINE_QUIET)  # read when Tuner.fit starts
-    path = experiment_path(storage_path, name)
-    if tune.Tuner.can_restore(path):
+    fs, root = storage
+    path = experiment_path(root, name)
+    if resumable(fs, path):
         log.info("tune: restoring the search from %s (finished trials are kept)", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True), True
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs), True
     space = {d.name: (tune.loguniform if d.log else tune.uniform)(d.low, d.high) for d in setup.space.dims}
     tuner = tune.Tuner(
         trainable,
@@ -235,18 +241,17 @@ def make_tuner(setup: TrialSetup, points: list[dict[str, float]], name: str, sto
                                                                              concurrency(setup.cfg)),
             scheduler=SCHEDULERS.get(cm.scheduler, "config_manager.scheduler")(cm.grace_period, cm.reduction_factor,
                                                                                 setup.budget)),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cm.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
     )
     return tuner, False
 
 
-def prune_checkpoints(path: str) -> int:
-    """Delete the trial checkpoints of the finished search at ``path`` (a local folder or a storage URI; a rerun of
-    a finished stage never restores the search); returns how many were deleted."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(path)
-    found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+def prune_checkpoints(fs: pyarrow.fs.FileSystem, path: str) -> int:
+    """Delete the trial checkpoints of the finished search at ``path`` on ``fs`` (a rerun of a finished stage never
+    restores the search); returns how many were deleted."""
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
     folders = [f.path for f in found if f.type == pyarrow.fs.FileType.Directory and f.base_name.startswith("checkpoint_")]
     for folder in folders:
         fs.delete_dir(folder)
@@ -326,18 +331,19 @@ class TuneKind(StageKind):
                                ctx.tracker.experiment_id, run.run_id, search, stage.name, list(plan.pools), plan.cache,
                                ctx.progress_hub)
             name = storage_name(ctx, stage, search)
-            tuner, restored = make_tuner(setup, [p.config for p in proposals], name, ctx.storage_path)
+            storage = search_storage(ctx.storage_path)
+            tuner, restored = make_tuner(setup, [p.config for p in proposals], name, storage)
             grid = tuner.fit()
         ctx.tracker.set_tags(run.run_id, {"restored": str(restored).lower()})
         closed = close_trials(client, setup, grid, task)
         log.info("tune: deleted %d trial checkpoint(s) of the finished search",
-                 prune_checkpoints(experiment_path(ctx.storage_path, name)))
+                 prune_checkpoints(storage[0], experiment_path(storage[1], name)))
         if not closed:
             raise RuntimeError(f"stage {stage.name!r}: every one of the {len(grid)} trials failed; see their runs' "
                                f"error tags (first: {next((r.error for r in grid if r.error), None)}).")
         best_id, best = max(closed.items(), key=lambda item: item[1].best_val_acc)
         metrics = {"val_acc": best.best_val_acc, "trials": float(len(grid)),
-                   "trials_failed": float(len(grid) - len(closed)), "trials_restored": float(len(before)),
+                   "trials_failed": float(len(grid) - len(closed)), "trials_restored": float(len(before) if restored else 0),
                    "trials_early_stopped": float(sum(t.early_stopped for t in closed.values()))}
         chosen, overrides = dict(best.config), space.overrides(best.config)
         for hp, value in ((n, v) for p in fixed for n, v in p.config.items()):  # proposed, not searched
