@@ -23,6 +23,10 @@ then written from the verified shards exactly as the actor fill writes it (the s
 so its content is identical whichever fill wrote it; the shards are deleted once it is in place. A fill that is
 interrupted leaves its finished shards, and the next fill reuses them instead of recomputing those chunks.
 
+Either fill starts only when an entry is missing (:class:`FillOnDemand`), with as many actors per teacher as the
+CPUs free at that moment hold (:func:`fill_replicas`; each actor computes a whole chunk on its own threads, so the
+entries do not depend on the count).
+
 Teacher weights are read in the driver by the teacher's provider (``torch.load(weights_only=True)`` for a torch
 teacher), checked by building the teacher once, and reach the actors through the object store, as for the actor
 fill; the training split reaches them the same way (one copy in the object store, fetched once per node).
@@ -192,6 +196,19 @@ class RayDataFill:
 FILLS: Registry[CacheFill] = Registry("cache fill")
 
 
+def fill_replicas(ray_cfg: RayConfig, teachers: int, chunks: int) -> int:
+    """Actors per teacher for a fill of ``chunks`` chunks: as many as the CPUs (and GPUs) Ray has free as the fill
+    starts hold, each using what ``ray.teacher_cpus`` gives it (at least one thread), never more than there are
+    chunks, and at least ``ray.teacher_replicas``. The stage waiting for the fill holds CPUs whose workers start only
+    once it is done, so they are among the free ones; CPUs that running stages hold are not. Each actor computes on
+    its own thread(s), so an entry is the same whatever the count (a chunk's forward pass does not depend on it)."""
+    free = ray.available_resources()
+    fits = free.get("CPU", 0.0) // (teachers * max(1.0, ray_cfg.teacher_cpus))
+    if ray_cfg.teacher_gpus:
+        fits = min(fits, free.get("GPU", 0.0) // (teachers * ray_cfg.teacher_gpus))
+    return max(ray_cfg.teacher_replicas, min(int(fits), chunks))
+
+
 @FILLS.register("actors")
 def actor_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str]) -> ActorFill:
     return ActorFill(start_teacher_actors(specs, weights, ray_cfg.teacher_cpus, ray_cfg.teacher_gpus,
@@ -203,12 +220,48 @@ def ray_data_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[st
     return RayDataFill(specs, weights, ray_cfg.teacher_cpus, ray_cfg.teacher_gpus, ray_cfg.teacher_replicas)
 
 
+def resolved_fill(ray_cfg: RayConfig) -> str:
+    """``ray.cache_fill`` with ``auto`` resolved: ``ray_data`` when the cluster has more than one alive node."""
+    if ray_cfg.cache_fill != "auto":
+        return ray_cfg.cache_fill
+    return "ray_data" if sum(1 for node in ray.nodes() if node["Alive"]) > 1 else "actors"
+
+
 @FILLS.register("auto")
 def auto_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str]) -> CacheFill:
-    nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    return FILLS.get("ray_data" if nodes > 1 else "actors")(ray_cfg, specs, weights)
+    return FILLS.get(resolved_fill(ray_cfg))(ray_cfg, specs, weights)
 
 
 def start_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: Sequence[str]) -> CacheFill:
     """The fill ``ray.cache_fill`` names, ready to compute (actors started, or weights in the object store)."""
     return FILLS.get(ray_cfg.cache_fill, "ray.cache_fill")(ray_cfg, specs, list(weights))
+
+
+@dataclass
+class FillOnDemand:
+    """The fill ``ray.cache_fill`` names, started when the first missing entry is to be computed (:func:`start_fill`,
+    with :func:`fill_replicas` actors per teacher) and ended by :meth:`release`: a stage whose entries are all cached
+    starts no actor and reads no weights (the entries' keys hold the weights' digest). ``kind`` is the fill's name,
+    ``auto`` resolved, started or not."""
+
+    ray_cfg: RayConfig
+    specs: list[TeacherSpec]
+    weights: list[str]
+    started: CacheFill | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.started.kind if self.started is not None else resolved_fill(self.ray_cfg)
+
+    def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
+                 keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
+        if self.started is None:
+            chunks = len(chunk_bounds(len(source))) * len({v for v, _ in todo})
+            sized = replace(self.ray_cfg, teacher_replicas=fill_replicas(self.ray_cfg, len(self.specs), chunks))
+            self.started = start_fill(sized, self.specs, self.weights)
+        self.started(source, views, todo, keys, root, dtype, taps)
+
+    def release(self) -> None:
+        if self.started is not None:
+            self.started.release()
+            self.started = None

@@ -14,8 +14,10 @@ from hpmkd.training import StageSpec
 class StageLaunch:
     """One training stage to run: what to train, where its checkpoints live (``storage_path/train_run_name``: a
     rerun with the same name resumes), where its epochs are logged (``run_id`` in ``tracking_uri``; none when
-    ``run_id`` is ``None``), its teachers (actors, or logit-cache entries ``teacher_cache[view][teacher]``), the live
-    progress hub, and the driver's splits in the object store (``splits_ref``, or ``None``: loaded by the worker)."""
+    ``run_id`` is ``None``; ``tracking_relay``: the experiment's :class:`~hpmkd.components.tracking_relay.TrackingRelay`,
+    which logs a stage task's epochs, or ``None``: the task executor starts one), its teachers (actors, or logit-cache
+    entries ``teacher_cache[view][teacher]``), the live progress hub, and the driver's splits in the object store
+    (``splits_ref``, or ``None``: loaded by the worker)."""
 
     spec: StageSpec
     train_run_name: str
@@ -27,6 +29,7 @@ class StageLaunch:
     teacher_cache: list[list[str]] = field(default_factory=list)
     progress_hub: Any = None
     splits_ref: Any = None
+    tracking_relay: Any = None
 
     def worker_config(self) -> dict[str, Any]:
         """The training process's ``config`` (Ray's ``train_func(config)``), stamped with the launch time."""

@@ -15,7 +15,8 @@ so it trains bit for bit as on Ray Train. What Ray Train did for such a stage is
 * **MLflow, exactly once**: an epoch is logged only after its checkpoint is saved, and each checkpoint names the
   MLflow run that saved it; a task that died between the two leaves its run's newest epoch saved but not logged,
   which the retry logs (from the resumed history) before training on. An epoch is never logged twice, nor trained
-  again once logged.
+  again once logged. The task does not import MLflow: the experiment's
+  :class:`~hpmkd.components.tracking_relay.TrackingRelay` actor logs for it, and the task waits for each call.
 * **Placement**: the task records its Ray node, like each Train rank.
 
 ``ray.executor: auto`` runs every stage of ``ray.num_workers: 1`` this way and several workers (DDP) on Ray Train
@@ -29,13 +30,12 @@ from typing import Any
 
 import ray
 import torch
-from mlflow import MlflowClient
 
 from hpmkd.components import progress
 from hpmkd.components.epoch_checkpoints import EpochCheckpoints
 from hpmkd.components.stage_launch import Executed, StageLaunch
 from hpmkd.components.stage_worker import run_rank, shared_splits, worker_teachers
-from hpmkd.components.tracking import log_metrics
+from hpmkd.components.tracking_relay import TrackingRelay
 from hpmkd.training import StageEnv
 
 #: the name of a stage's Ray task is this prefix and the stage's name (``ray list tasks`` shows it)
@@ -50,16 +50,16 @@ def stage_task(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(config["threads"])
     store = EpochCheckpoints(config["storage_path"], config["run_name"])
     saved = store.latest()
-    client = MlflowClient(config["tracking_uri"]) if config["run_id"] else None
-    if client is not None and saved is not None and saved.owner == config["run_id"]:
-        log_if_unlogged(client, config["run_id"], saved.state["history"][-1])
+    relay, run_id = config["tracking_relay"], config["run_id"]
+    if relay is not None and saved is not None and saved.owner == run_id:
+        ray.get(relay.log_unless_logged.remote(run_id, saved.state["history"][-1]))
     splits = shared_splits(config)
     fetched = time.time()
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        store.save(int(metrics["epoch"]), state, owner=config["run_id"] or "")
-        if client is not None:
-            log_metrics(client, config["run_id"], metrics, step=int(metrics["epoch"]))
+        store.save(int(metrics["epoch"]), state, owner=run_id or "")
+        if relay is not None:
+            ray.get(relay.log_metrics.remote(run_id, metrics, int(metrics["epoch"])))
         progress.send(config.get("progress"), spec.name, spec.train.epochs, metrics)
 
     device = torch.device("cuda", 0) if config["use_gpu"] else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
@@ -74,18 +74,14 @@ def stage_task(config: dict[str, Any]) -> dict[str, Any]:
     return {**run_rank(config, env, began, fetched), "rank_nodes": [ray.get_runtime_context().get_node_id()]}
 
 
-def log_if_unlogged(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
-    """Log an epoch's ``metrics`` to ``run_id`` unless the run has them (the epoch's ``epoch`` metric)."""
-    epoch = int(metrics["epoch"])
-    if epoch not in {int(m.step) for m in client.get_metric_history(run_id, "epoch")}:
-        log_metrics(client, run_id, metrics, step=epoch)
-
-
 def run_on_task(launch: StageLaunch) -> Executed:
     """Fit ``launch`` (one worker) as one Ray task of ``ray.cpus_per_worker`` CPUs (and a GPU with ``ray.use_gpu``)."""
     ray_cfg = launch.ray_cfg
+    relay = launch.tracking_relay
+    if relay is None and launch.run_id:  # a launch outside an experiment: a relay of its own
+        relay = TrackingRelay.remote(launch.tracking_uri)
     config = {**launch.worker_config(), "storage_path": launch.storage_path, "run_name": launch.train_run_name,
-              "tracking_uri": launch.tracking_uri, "run_id": launch.run_id, "use_gpu": ray_cfg.use_gpu}
+              "tracking_relay": relay, "run_id": launch.run_id, "use_gpu": ray_cfg.use_gpu}
     task = stage_task.options(name=f"{TASK_NAME_PREFIX}{launch.spec.name}", num_cpus=ray_cfg.cpus_per_worker,
                               num_gpus=1 if ray_cfg.use_gpu else 0, max_retries=ray_cfg.max_failures,
                               retry_exceptions=True)

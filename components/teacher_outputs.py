@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from hpmkd.components.cache_fill import start_fill
+from hpmkd.components.cache_fill import FillOnDemand
 from hpmkd.components.logit_cache import CacheUse, ensure_cached
 from hpmkd.components.teacher_service import TeacherPool, release, start_teacher_actors
 from hpmkd.config import DistillConfig, ExperimentConfig
@@ -93,9 +93,10 @@ def online(request: OutputsRequest) -> TeacherOutputPlan:
 
 
 def stored(source: str, views: ViewBank, request: OutputsRequest) -> TeacherOutputPlan:
-    """Fill the missing entries of every view (``ray.cache_fill``), then release what filled them."""
+    """Fill the missing entries of every view (``ray.cache_fill``, started only when one is missing), then release
+    what filled them."""
     distill, splits = request.distill, request.splits
-    filler = start_fill(request.cfg.ray, request.specs, request.weights)
+    filler = FillOnDemand(request.cfg.ray, request.specs, list(request.weights))
     try:
         uses = ensure_cached(filler, request.specs, request.weights, splits.train, root=str(request.cfg.cache_root()),
                              fingerprint=splits.fingerprint, views=views, dtype=distill.cache_dtype,

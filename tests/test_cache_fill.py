@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,58 @@ def test_a_run_filled_by_ray_data_trains_and_records_its_runs(ray_session, tmp_p
     assert len(client.get_metric_history(distill.info.run_id, "train_loss")) == 2
     [entry] = list(list_entries(cfg.cache_root()))
     assert entry.key.split == "train" and entry.problem is None
+
+
+def test_a_fill_on_demand_starts_nothing_when_every_entry_is_cached(ray_session, tmp_path, digits, teachers):
+    """The first stage fills with an actor per free CPU (2 chunks, 2 CPUs: 2 replicas), writing the entry one
+    actor writes, bit for bit; the second finds it cached and starts no actor."""
+    from hpmkd.components.cache_fill import ActorFill, FillOnDemand
+    from hpmkd.components.logit_cache import ensure_cached
+    from hpmkd.components.teacher_service import start_teacher_actors
+
+    specs, paths = teachers[0][:1], teachers[1][:1]
+    root = str(tmp_path / "cache")
+    wait_until_cpus_free(ray_session, 2)
+    first = FillOnDemand(RayConfig(), specs, paths)
+    try:
+        [use] = ensure_cached(first, specs, paths, digits.train, fingerprint=digits.fingerprint, root=root)[0]
+        assert isinstance(first.started, ActorFill) and len(first.started.pools[0].replicas) == 2
+        served = ray_session.get([a.served.remote() for a in first.started.pools[0].replicas])
+    finally:
+        first.release()
+    assert first.started is None and not use.hit and served == [1, 1]  # each replica computed one chunk
+
+    second = FillOnDemand(RayConfig(), specs, paths)
+    [again] = ensure_cached(second, specs, paths, digits.train, fingerprint=digits.fingerprint, root=root)[0]
+    assert second.started is None and second.kind == "actors" and again.hit and again.path == use.path
+
+    one_actor = ActorFill(start_teacher_actors(specs, paths, cpus=0.5, gpus=0.0))
+    try:
+        [single] = ensure_cached(one_actor, specs, paths, digits.train, fingerprint=digits.fingerprint,
+                                 root=str(tmp_path / "single"))[0]
+    finally:
+        one_actor.release()
+    expected, found = entry_arrays(single.path), entry_arrays(use.path)
+    assert expected.keys() == found.keys() and all(torch.equal(expected[k], found[k]) for k in expected)
+
+
+def wait_until_cpus_free(ray, cpus: float) -> None:
+    """Wait (up to a minute) until Ray has ``cpus`` CPUs free: actors an earlier test killed give theirs back a
+    moment later."""
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_a_fill_gets_an_actor_per_free_cpu_up_to_its_chunks(ray_session):
+    from hpmkd.components.cache_fill import fill_replicas
+
+    wait_until_cpus_free(ray_session, 2)
+    free = int(ray_session.available_resources().get("CPU", 0))
+    assert free == 2  # the session's 2 CPUs, nothing else running
+    assert fill_replicas(RayConfig(teacher_cpus=0.5), teachers=1, chunks=10) == free
+    assert fill_replicas(RayConfig(teacher_cpus=0.5), teachers=2, chunks=10) == free // 2
+    assert fill_replicas(RayConfig(teacher_cpus=2.0), teachers=1, chunks=10) == max(1, free // 2)
+    assert fill_replicas(RayConfig(teacher_cpus=0.5), teachers=1, chunks=1) == 1  # one chunk: one actor
+    assert fill_replicas(RayConfig(teacher_cpus=0.5, teacher_replicas=3), teachers=1, chunks=1) == 3  # never fewer
+    assert fill_replicas(RayConfig(teacher_cpus=0.5, teacher_gpus=0.5), teachers=1, chunks=10) == 1  # no GPU free

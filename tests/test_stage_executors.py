@@ -4,6 +4,7 @@ logs each epoch to MLflow exactly once, even when its process died between savin
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,24 @@ def test_auto_picks_a_task_for_one_worker_and_train_for_several():
 def test_a_wrong_executor_is_refused_naming_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "conf" / "smoke.yaml", [override])
+
+
+def test_the_tracking_relay_logs_an_epoch_once_and_survives_its_process(ray_session, tmp_path):
+    """The actor that logs for stage tasks: an epoch it has is not logged again, and a relay whose process is killed
+    is started again and serves the next call."""
+    from hpmkd.components.tracking_relay import TrackingRelay
+
+    client, uri, run_id = mlflow_run(tmp_path)
+    relay = TrackingRelay.remote(uri)
+    epoch = {"epoch": 0.0, "val_acc": 0.5}
+    assert ray_session.get(relay.log_unless_logged.remote(run_id, epoch)) is True
+    assert ray_session.get(relay.log_unless_logged.remote(run_id, epoch)) is False
+    ray_session.kill(relay, no_restart=False)
+    for _ in range(100):  # the restarted actor answers once its process is up again
+        try:
+            ray_session.get(relay.log_metrics.remote(run_id, {"epoch": 1.0, "val_acc": 0.75}, 1))
+            break
+        except ray_session.exceptions.RayActorError:
+            time.sleep(0.2)
+    assert [(int(m.step), m.value) for m in client.get_metric_history(run_id, "val_acc")] == [(0, 0.5), (1, 0.75)]
+    ray_session.kill(relay)

@@ -24,6 +24,7 @@ import hashlib
 from abc import ABC, abstractmethod
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from hpmkd.components.estimates import work_metrics
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageParams, StageResult
 from hpmkd.components.stage_params import TunedConfig
 from hpmkd.components.tracking import MAX_PARAM_LENGTH, Tracker
+from hpmkd.components.tracking_relay import TrackingRelay
 from hpmkd.config import ExperimentConfig
 from hpmkd.config_schema import flatten, from_dict, to_dict
 from hpmkd.data import DataSplits
@@ -62,6 +64,16 @@ class ExperimentContext:
     out_dir: Path
     progress_hub: Any = None  # a ProgressHub actor that training processes report their epochs to
     splits_ref: Any = None  # ``splits`` in Ray's object store: training processes read it instead of the files
+    _relay: Any = field(default=None, repr=False)
+    _relay_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def tracking_relay(self) -> Any:
+        """The experiment's :class:`~hpmkd.components.tracking_relay.TrackingRelay` (it logs stage tasks' epochs),
+        started by the first stage that asks for it."""
+        with self._relay_lock:
+            if self._relay is None:
+                self._relay = TrackingRelay.remote(self.tracker.tracking_uri)
+            return self._relay
 
     def stage_dir(self, stage: str) -> Path:
         """The folder of stage ``stage``'s files: a safe file name under :attr:`out_dir`, never outside it."""

@@ -24,7 +24,7 @@ import torch
 
 from hpmkd import checkpoint
 from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResult
-from hpmkd.components.cache_fill import start_fill
+from hpmkd.components.cache_fill import FillOnDemand
 from hpmkd.components.logit_cache import ensure_cached
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun
 from hpmkd.data.source import BatchSource
@@ -46,7 +46,7 @@ def member_logits(ctx: ExperimentContext, params: FitMetaMLP, members: list[Mode
     """Per source, the members' logits ``[M, N, C]``, computed into the logit cache (``ray.cache_fill``)."""
     cfg = ctx.cfg
     specs = [TeacherSpec(a.name, a.model, ctx.splits.shape) for a in members]
-    filler = start_fill(cfg.ray, specs, [a.path for a in members])
+    filler = FillOnDemand(cfg.ray, specs, [a.path for a in members])
     try:
         out = {}
         for split, source in sources.items():

@@ -15,7 +15,7 @@ from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResu
 from hpmkd.components.placement import placement_tags
 from hpmkd.components.stage_params import TEACHER_KINDS, LoadTeacher, TrainModel
 from hpmkd.components.stage_launch import StageLaunch
-from hpmkd.components.stage_runner import run_training_stage
+from hpmkd.components.stage_runner import executor_name, run_training_stage
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
                                          storage_name)
 from hpmkd.components.table_model import log_table_model
@@ -49,6 +49,7 @@ def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: 
         teacher_cache=list(teacher_cache),
         progress_hub=ctx.progress_hub,
         splits_ref=ctx.splits_ref if spec.data == ctx.cfg.data and spec.seed == ctx.cfg.seed else None,
+        tracking_relay=ctx.tracking_relay() if executor_name(ctx.cfg.ray) == "task" else None,
     )
     trained = run_training_stage(launch, ctx.stage_dir(stage.name))
     run.phases.update(trained.phases)
