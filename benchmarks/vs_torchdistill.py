@@ -1,7 +1,7 @@
 """hpmkd against torchdistill: the same teacher, student, data, KD loss, optimiser, batch size and epochs, side by side.
 
     python benchmarks/vs_torchdistill.py [--quick] [--train 10000] [--epochs 8] [--teacher-epochs 3]
-                                         [--teacher-replicas N] [--teacher-cpus C]
+                                         [--teacher-replicas N] [--teacher-cpus C] [--cache-fill F]
 
 torchdistill runs in its own environment, ``benchmarks/.venv-torchdistill``, which this script creates the first
 time (about 30 s) with the equivalent of::
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
-from hpmkd.config import TrainConfig, config_from_data
+from hpmkd.config import CACHE_FILLS, TrainConfig, config_from_data
 from hpmkd.config_schema import to_dict
 from hpmkd.training import StageEnv, StageSpec, train_stage
 from kd_setup import BATCH, STUDENT, TEACHER, data_config
@@ -129,13 +129,15 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--teacher-replicas", type=int, help="hpmkd's ray.teacher_replicas (default: the config's, 1)")
     ap.add_argument("--teacher-cpus", type=float, help="hpmkd's ray.teacher_cpus (default: the config's, 0.5)")
+    ap.add_argument("--cache-fill", choices=CACHE_FILLS, help="hpmkd's ray.cache_fill (default: the config's)")
     args = ap.parse_args()
     for flag, value in (("--teacher-replicas", args.teacher_replicas), ("--teacher-cpus", args.teacher_cpus)):
         if value is not None and value <= 0:
             ap.error(f"{flag} {value}: must be above 0")
     train, epochs, teacher_epochs = (2000, 2, 1) if args.quick else (args.train, args.epochs, args.teacher_epochs)
     ray_settings = {key: value for key, value in {"teacher_replicas": args.teacher_replicas,
-                                                  "teacher_cpus": args.teacher_cpus}.items() if value is not None}
+                                                  "teacher_cpus": args.teacher_cpus,
+                                                  "cache_fill": args.cache_fill}.items() if value is not None}
     torch.set_num_threads(1)
     python = torchdistill_python()
     data = data_config(train)

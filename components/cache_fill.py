@@ -3,7 +3,13 @@
 =============  ======================================================================================================
 fill           what computes the entries
 =============  ======================================================================================================
-``actors``     (default) the teacher actors of :mod:`hpmkd.components.teacher_service` (``ray.teacher_replicas`` per
+``tasks``      (default) Ray tasks (:func:`teacher_chunks`) on Ray's pooled worker processes: per teacher, the chunks
+               to compute are cut into runs of consecutive chunks (as many as the fill's replicas, at most
+               :data:`MAX_RUN` chunks each); a task builds the teacher from the object store once, renders and runs
+               its chunks, and returns their outputs; the driver writes each entry when its last run is in. The
+               processes stay in Ray's pool with torch and the model code imported, so the stage's training task,
+               which Ray places on one of them, starts warm
+``actors``     the teacher actors of :mod:`hpmkd.components.teacher_service` (``ray.teacher_replicas`` per
                teacher), driven by the hand-made loop of :func:`hpmkd.components.logit_cache.fill`: the driver
                renders every chunk, sends it to every teacher and writes each entry
 ``ray_data``   Ray Data batch inference: a dataset of chunk descriptors ``(view, start)`` flows through one
@@ -12,7 +18,7 @@ fill           what computes the entries
                ``num_gpus=ray.teacher_gpus``); each actor reads and renders its chunks itself and writes the chunk's
                outputs to the cache root as a *shard*; the driver only counts finished chunks and assembles a view's
                entries from their shards once the view's last chunk has passed every teacher
-``auto``       ``ray_data`` when the Ray cluster has more than one alive node, ``actors`` on one node
+``auto``       ``ray_data`` when the Ray cluster has more than one alive node, ``tasks`` on one node
 =============  ======================================================================================================
 
 A shard is an ordinary cache entry (:func:`hpmkd.logit_cache.write_entry`: written atomically, CRC-checked when
@@ -23,9 +29,9 @@ then written from the verified shards exactly as the actor fill writes it (the s
 so its content is identical whichever fill wrote it; the shards are deleted once it is in place. A fill that is
 interrupted leaves its finished shards, and the next fill reuses them instead of recomputing those chunks.
 
-Either fill starts only when an entry is missing (:class:`FillOnDemand`), with as many actors per teacher as the
-CPUs free at that moment hold (:func:`fill_replicas`; each actor computes a whole chunk on its own threads, so the
-entries do not depend on the count).
+Every fill starts only when an entry is missing (:class:`FillOnDemand`), with as many actors (or task runs) per
+teacher as the CPUs free at that moment hold (:func:`fill_replicas`; each computes whole chunks on its own threads
+with :func:`chunk_outputs`, so the entries depend neither on the count nor on the fill).
 
 Teacher weights are read in the driver by the teacher's provider (``torch.load(weights_only=True)`` for a torch
 teacher), checked by building the teacher once, and reach the actors through the object store, as for the actor
@@ -36,14 +42,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import numpy as np
 import ray
 import torch
 
-from hpmkd.components.logit_cache import BATCH, fill
-from hpmkd.components.teacher_service import TeacherPool, release, start_teacher_actors
+from hpmkd.components.logit_cache import BATCH, EntryBuffer, fill
+from hpmkd.components.teacher_service import TeacherPool, put_checked_weights, release, start_teacher_actors
 from hpmkd.config import RayConfig
 from hpmkd.data.source import BatchSource
 from hpmkd.data.views import ViewBank
@@ -90,6 +96,23 @@ def chunk_bounds(rows: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + BATCH)) for start in range(0, rows, BATCH)]
 
 
+def fill_device() -> torch.device:
+    """The device of a fill's process: its GPU when Ray gave it one."""
+    return torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+
+
+def chunk_outputs(teacher: Any, device: torch.device, source: BatchSource, views: ViewBank, view: int, start: int,
+                  taps: Sequence[str]) -> dict[str, Any]:
+    """The teacher's outputs on the chunk of :data:`BATCH` rows at ``start`` in view ``view``, computed as the
+    teacher actors compute a chunk sent to them (the view rendered, made a contiguous array, one forward pass)."""
+    index = torch.arange(start, min(len(source), start + BATCH))
+    x, _ = source.rows(index)
+    chunk = np.ascontiguousarray(views.render(x, index, view).numpy())
+    logits, feats = teacher.forward(torch.from_numpy(chunk).to(device), list(taps))
+    return {"logits": logits.float().cpu().numpy(),
+            "features": {tap: value.float().cpu().numpy() for tap, value in feats.items()}}
+
+
 class TeacherShards:
     """One Ray Data actor of one teacher: for each chunk descriptor ``(view, start)`` of a view it was asked for,
     renders the chunk, runs the teacher once and writes the outputs as a shard (kept when one exists already).
@@ -98,9 +121,8 @@ class TeacherShards:
     def __init__(self, spec: TeacherSpec, weights: list[ray.ObjectRef], source: list[ray.ObjectRef], views: ViewBank,
                  keys: dict[int, CacheKey], root: str, threads: int):
         torch.set_num_threads(max(1, threads))
-        device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
-        self.device = device
-        self.teacher = provider_for(spec.model).build(spec, ray.get(weights[0])).to(device)
+        self.device = fill_device()
+        self.teacher = provider_for(spec.model).build(spec, ray.get(weights[0])).to(self.device)
         self.source: BatchSource = ray.get(source[0])
         self.views = views
         self.keys = keys
@@ -114,15 +136,11 @@ class TeacherShards:
 
     def write_shard(self, view: int, start: int) -> None:
         key = self.keys[view]
-        index = torch.arange(start, min(len(self.source), start + BATCH))
-        shard = shard_key(key, start, start + len(index))
+        shard = shard_key(key, start, min(len(self.source), start + BATCH))
         if lookup(self.root, shard) is not None:
             return
-        x, _ = self.source.rows(index)
-        chunk = np.ascontiguousarray(self.views.render(x, index, view).numpy())
-        logits, feats = self.teacher.forward(torch.from_numpy(chunk).to(self.device), key.taps)
-        write_entry(self.root, shard, logits.float().cpu().numpy(),
-                    {tap: value.float().cpu().numpy() for tap, value in feats.items()})
+        out = chunk_outputs(self.teacher, self.device, self.source, self.views, view, start, key.taps)
+        write_entry(self.root, shard, out["logits"], out["features"])
 
 
 def assemble(root: str, key: CacheKey, rows: int) -> None:
@@ -156,11 +174,7 @@ class RayDataFill:
     kind: ClassVar[str] = "ray_data"
 
     def __post_init__(self) -> None:
-        for spec, path in zip(self.specs, self.weights):
-            provider = provider_for(spec.model)
-            payload = provider.read(path)
-            provider.build(spec, payload)  # fail here, naming the layer, before any actor starts
-            self.refs.append(ray.put(payload))
+        self.refs = [put_checked_weights(spec, path) for spec, path in zip(self.specs, self.weights)]
 
     def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
                  keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
@@ -192,6 +206,66 @@ class RayDataFill:
         self.refs = []
 
 
+@ray.remote
+def teacher_chunks(spec: TeacherSpec, weights: list[ray.ObjectRef], source: list[ray.ObjectRef], views: ViewBank,
+                   chunks: list[tuple[int, int]], taps: Sequence[str], threads: int) -> list[dict[str, Any]]:
+    """One task of the task fill: the teacher built once, then its outputs on each ``(view, start)`` chunk of the
+    source, in order (:func:`chunk_outputs`). The teacher goes with the task; the process stays in Ray's pool."""
+    torch.set_num_threads(max(1, threads))
+    device = fill_device()
+    teacher = provider_for(spec.model).build(spec, ray.get(weights[0])).to(device)
+    rows: BatchSource = ray.get(source[0])
+    return [chunk_outputs(teacher, device, rows, views, view, start, taps) for view, start in chunks]
+
+
+#: the most chunks one task of the task fill computes (what its result holds at once)
+MAX_RUN = 8
+
+
+@dataclass
+class TaskFill:
+    """The task fill (module docstring): per teacher, the chunks to compute split into runs of consecutive chunks,
+    ``replicas`` of them or more (at most :data:`MAX_RUN` chunks each), each one Ray task of ``cpus`` CPUs and
+    ``gpus`` GPUs. Weights are read and checked when it is made."""
+
+    specs: list[TeacherSpec]
+    weights: list[str]
+    cpus: float
+    gpus: float
+    replicas: int = 1
+    refs: list[ray.ObjectRef] = field(default_factory=list)
+    kind: ClassVar[str] = "tasks"
+
+    def __post_init__(self) -> None:
+        self.refs = [put_checked_weights(spec, path) for spec, path in zip(self.specs, self.weights)]
+
+    def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
+                 keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
+        rows, source_ref = len(source), [ray.put(source)]
+        chunks = [(v, start) for v in sorted({v for v, _ in todo}) for start, _ in chunk_bounds(rows)]
+        task = teacher_chunks.options(num_cpus=self.cpus, num_gpus=self.gpus)
+        runs = {}
+        for i in sorted({i for _, i in todo}):
+            mine = [(v, start) for v, start in chunks if (v, i) in todo]
+            tasks = min(len(mine), max(self.replicas, -(-len(mine) // MAX_RUN)))
+            for run in np.array_split(np.arange(len(mine)), tasks):
+                part = [mine[k] for k in run]
+                runs[task.remote(self.specs[i], [self.refs[i]], source_ref, views, part, taps[i],
+                                 max(1, int(self.cpus)))] = (i, part)
+        buffers = {job: EntryBuffer(rows, len(chunk_bounds(rows)), dtype) for job in todo}
+        pending = list(runs)
+        while pending:
+            [done], pending = ray.wait(pending, num_returns=1)
+            i, part = runs[done]
+            for (view, start), out in zip(part, ray.get(done)):
+                if buffers[(view, i)].put(start, out):
+                    finished = buffers.pop((view, i))
+                    write_entry(root, keys[view][i], finished.logits, finished.features)
+
+    def release(self) -> None:
+        self.refs = []
+
+
 #: ``ray.cache_fill`` -> ``(ray config, specs, weights) -> CacheFill`` (the names are :data:`hpmkd.config.CACHE_FILLS`)
 FILLS: Registry[CacheFill] = Registry("cache fill")
 
@@ -215,16 +289,22 @@ def actor_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str])
                                           ray_cfg.teacher_replicas))
 
 
+@FILLS.register("tasks")
+def task_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str]) -> TaskFill:
+    return TaskFill(specs, weights, ray_cfg.teacher_cpus, ray_cfg.teacher_gpus, ray_cfg.teacher_replicas)
+
+
 @FILLS.register("ray_data")
 def ray_data_fill(ray_cfg: RayConfig, specs: list[TeacherSpec], weights: list[str]) -> RayDataFill:
     return RayDataFill(specs, weights, ray_cfg.teacher_cpus, ray_cfg.teacher_gpus, ray_cfg.teacher_replicas)
 
 
 def resolved_fill(ray_cfg: RayConfig) -> str:
-    """``ray.cache_fill`` with ``auto`` resolved: ``ray_data`` when the cluster has more than one alive node."""
+    """``ray.cache_fill`` with ``auto`` resolved: ``ray_data`` when the cluster has more than one alive node, else
+    ``tasks``."""
     if ray_cfg.cache_fill != "auto":
         return ray_cfg.cache_fill
-    return "ray_data" if sum(1 for node in ray.nodes() if node["Alive"]) > 1 else "actors"
+    return "ray_data" if sum(1 for node in ray.nodes() if node["Alive"]) > 1 else "tasks"
 
 
 @FILLS.register("auto")

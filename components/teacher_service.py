@@ -90,6 +90,15 @@ def release(pools: list[TeacherPool]) -> None:
             ray.kill(actor)
 
 
+def put_checked_weights(spec: TeacherSpec, path: str) -> ray.ObjectRef:
+    """The teacher's weights read by its provider (safely: ``weights_only=True`` for torch), checked by building the
+    teacher once (an error names the layer before any process starts), and put in the object store."""
+    provider = provider_for(spec.model)
+    payload = provider.read(path)
+    provider.build(spec, payload)
+    return ray.put(payload)
+
+
 def start_teacher_actors(
     specs: list[TeacherSpec], checkpoints: list[str], cpus: float, gpus: float, replicas: int = 1
 ) -> list[TeacherPool]:
@@ -98,10 +107,7 @@ def start_teacher_actors(
     replicas."""
     pools = []
     for spec, path in zip(specs, checkpoints):
-        provider = provider_for(spec.model)
-        weights = provider.read(path)
-        provider.build(spec, weights)  # fail here, naming the layer, before any actor starts
-        ref = ray.put(weights)
+        ref = put_checked_weights(spec, path)
         actor = TeacherActor.options(num_cpus=cpus, num_gpus=gpus)
         pools.append(TeacherPool(spec.name, [actor.remote(spec, ref, max(1, int(cpus))) for _ in range(replicas)],
                                  weights=ref))

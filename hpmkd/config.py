@@ -305,7 +305,7 @@ class DistillConfig:
 #: the orders in which ready stages may start (``ray.order``)
 STAGE_ORDERS = ("critical_path", "listed")
 #: how missing logit-cache entries are computed (:mod:`hpmkd.components.cache_fill`)
-CACHE_FILLS = ("actors", "ray_data", "auto")
+CACHE_FILLS = ("actors", "tasks", "ray_data", "auto")
 #: what runs a training stage (:mod:`hpmkd.components.stage_runner`)
 EXECUTORS = ("auto", "task", "train")
 
@@ -325,9 +325,10 @@ class RayConfig:
     store (loaded once per experiment); false: every worker loads the data set from its own node's disk (a data set
     too large to pass through the object store, kept on each node's storage).
 
-    ``cache_fill``: how missing logit-cache entries are computed: ``actors`` (the teacher actors, driven by the
-    driver; the default), ``ray_data`` (Ray Data ``map_batches`` over an actor pool of each teacher, shards streamed
-    to the cache root) or ``auto`` (``ray_data`` on a cluster of several nodes); see
+    ``cache_fill``: how missing logit-cache entries are computed: ``tasks`` (Ray tasks on Ray's pooled worker
+    processes, which the stage's own training task then finds warm; the default), ``actors`` (the teacher actors,
+    driven by the driver), ``ray_data`` (Ray Data ``map_batches`` over an actor pool of each teacher, shards streamed
+    to the cache root) or ``auto`` (``ray_data`` on a cluster of several nodes, else ``tasks``); see
     :mod:`hpmkd.components.cache_fill`.
 
     ``executor``: what runs a training stage: ``task`` (one Ray task in a pooled worker process: no Ray Train start-up,
@@ -350,7 +351,7 @@ class RayConfig:
     log_to_driver: bool = False
     order: str = "critical_path"
     share_splits: bool = True
-    cache_fill: str = "actors"
+    cache_fill: str = "tasks"
     executor: str = "auto"
 
     def check(self, path: str) -> None:
@@ -373,7 +374,8 @@ class RayConfig:
                               f"{', '.join(STAGE_ORDERS)}.")
         if self.cache_fill not in CACHE_FILLS:
             raise ConfigError(f"{join(path, 'cache_fill')}: {self.cache_fill!r} is not a way to fill the logit cache; "
-                              f"give one of {', '.join(CACHE_FILLS)} (actors: the teacher actors, the default; "
+                              f"give one of {', '.join(CACHE_FILLS)} (tasks: Ray tasks on Ray's pooled worker "
+                              f"processes, the default; actors: the teacher actors; "
                               f"ray_data: Ray Data map_batches over an actor pool per teacher).")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"{join(path, 'executor')}: {self.executor!r} is not a stage executor; give one of "

@@ -59,10 +59,10 @@ def entry_arrays(path: str) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in arrays.items()}
 
 
-def test_ray_data_entries_equal_the_actor_fills(ray_session, tmp_path, digits, teachers):
+def test_ray_data_and_task_entries_equal_the_actor_fills(ray_session, tmp_path, digits, teachers):
     """Same teachers, same views (a 2-view bank), float16 with top-k and a feature tap: identical keys and
     identical stored values, whichever fill wrote them; every entry passes verification; no shard is left."""
-    from hpmkd.components.cache_fill import ActorFill, RayDataFill
+    from hpmkd.components.cache_fill import ActorFill, RayDataFill, TaskFill
     from hpmkd.components.logit_cache import ensure_cached
     from hpmkd.components.teacher_service import start_teacher_actors
 
@@ -71,22 +71,28 @@ def test_ray_data_entries_equal_the_actor_fills(ray_session, tmp_path, digits, t
     kwargs = dict(fingerprint=digits.fingerprint, views=bank, top_k=4, taps=[("hidden1",), ()])
     actor_fill = ActorFill(start_teacher_actors(specs, paths, cpus=0.5, gpus=0.0))
     data_fill = RayDataFill(specs, paths, cpus=0.5, gpus=0.0, replicas=2)
+    task_fill = TaskFill(specs, paths, cpus=0.5, gpus=0.0, replicas=2)
     try:
         by_actors = ensure_cached(actor_fill, specs, paths, digits.train, root=str(tmp_path / "a"), **kwargs)
         by_ray_data = ensure_cached(data_fill, specs, paths, digits.train, root=str(tmp_path / "b"), **kwargs)
+        by_tasks = ensure_cached(task_fill, specs, paths, digits.train, root=str(tmp_path / "c"), **kwargs)
     finally:
         actor_fill.release()
         data_fill.release()
+        task_fill.release()
     assert len(digits.train) > 1024  # several chunks, so the assembly from shards is exercised
-    for per_view_a, per_view_b in zip(by_actors, by_ray_data):
-        for a, b in zip(per_view_a, per_view_b):
-            assert a.digest == b.digest and not a.hit and not b.hit
-            arrays_a, arrays_b = entry_arrays(a.path), entry_arrays(b.path)
-            assert arrays_a.keys() == arrays_b.keys()
-            assert all(torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a), a.teacher
-    listed = list(list_entries(tmp_path / "b"))
-    assert len(listed) == 4 and all(e.problem is None for e in listed)  # 2 teachers x 2 views, no shard left
-    assert {e.key.split for e in listed} == {"train"}
+    pairs = [(a, b) for other in (by_ray_data, by_tasks) for per_view_a, per_view_b in zip(by_actors, other)
+             for a, b in zip(per_view_a, per_view_b)]
+    assert len(pairs) == 8
+    for a, b in pairs:
+        assert a.digest == b.digest and not a.hit and not b.hit
+        arrays_a, arrays_b = entry_arrays(a.path), entry_arrays(b.path)
+        assert arrays_a.keys() == arrays_b.keys()
+        assert all(torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a), a.teacher
+    for root in ("b", "c"):
+        listed = list(list_entries(tmp_path / root))
+        assert len(listed) == 4 and all(e.problem is None for e in listed)  # 2 teachers x 2 views, no shard left
+        assert {e.key.split for e in listed} == {"train"}
 
 
 def test_an_interrupted_fill_reuses_its_shards(ray_session, tmp_path, digits, teachers):
@@ -113,13 +119,13 @@ def test_an_interrupted_fill_reuses_its_shards(ray_session, tmp_path, digits, te
     assert [e.key for e in list_entries(root)] == [key]
 
 
-def test_auto_fills_with_the_actors_on_one_node(ray_session, teachers):
-    from hpmkd.components.cache_fill import ActorFill, start_fill
+def test_auto_fills_with_tasks_on_one_node(ray_session, teachers):
+    from hpmkd.components.cache_fill import TaskFill, start_fill
 
     specs, paths = teachers
     fill = start_fill(RayConfig(cache_fill="auto"), specs[:1], paths[:1])
     try:
-        assert isinstance(fill, ActorFill) and fill.kind == "actors" and len(fill.pools) == 1
+        assert isinstance(fill, TaskFill) and fill.kind == "tasks" and len(fill.refs) == 1
     finally:
         fill.release()
 
@@ -128,7 +134,7 @@ def test_every_fill_name_is_registered():
     from hpmkd.components.cache_fill import FILLS
 
     assert FILLS.names() == sorted(CACHE_FILLS)
-    assert RayConfig().cache_fill == "actors"  # the default behaviour is the actor fill
+    assert RayConfig().cache_fill == "tasks"  # the default is the task fill
     with pytest.raises(ConfigError, match=r"ray\.cache_fill: 'raydata' is not a way to fill the logit cache"):
         RayConfig(cache_fill="raydata").check("ray")
 
@@ -176,9 +182,10 @@ def test_a_run_filled_by_ray_data_trains_and_records_its_runs(ray_session, tmp_p
     assert entry.key.split == "train" and entry.problem is None
 
 
-def test_a_fill_on_demand_starts_nothing_when_every_entry_is_cached(ray_session, tmp_path, digits, teachers):
-    """The first stage fills with an actor per free CPU (2 chunks, 2 CPUs: 2 replicas), writing the entry one
-    actor writes, bit for bit; the second finds it cached and starts no actor."""
+@pytest.mark.parametrize("kind", ["actors", "tasks"])
+def test_a_fill_on_demand_starts_nothing_when_every_entry_is_cached(ray_session, tmp_path, digits, teachers, kind):
+    """The first stage fills with an actor (or a task) per free CPU (2 chunks, 2 CPUs: 2 replicas), writing the
+    entry one actor writes, bit for bit; the second finds it cached and starts nothing."""
     from hpmkd.components.cache_fill import ActorFill, FillOnDemand
     from hpmkd.components.logit_cache import ensure_cached
     from hpmkd.components.teacher_service import start_teacher_actors
@@ -186,18 +193,19 @@ def test_a_fill_on_demand_starts_nothing_when_every_entry_is_cached(ray_session,
     specs, paths = teachers[0][:1], teachers[1][:1]
     root = str(tmp_path / "cache")
     wait_until_cpus_free(ray_session, 2)
-    first = FillOnDemand(RayConfig(), specs, paths)
+    first = FillOnDemand(RayConfig(cache_fill=kind), specs, paths)
     try:
         [use] = ensure_cached(first, specs, paths, digits.train, fingerprint=digits.fingerprint, root=root)[0]
-        assert isinstance(first.started, ActorFill) and len(first.started.pools[0].replicas) == 2
-        served = ray_session.get([a.served.remote() for a in first.started.pools[0].replicas])
+        started = first.started
+        replicas = len(started.pools[0].replicas) if kind == "actors" else started.replicas
+        assert started.kind == kind and replicas == 2
     finally:
         first.release()
-    assert first.started is None and not use.hit and served == [1, 1]  # each replica computed one chunk
+    assert first.started is None and not use.hit
 
-    second = FillOnDemand(RayConfig(), specs, paths)
+    second = FillOnDemand(RayConfig(cache_fill=kind), specs, paths)
     [again] = ensure_cached(second, specs, paths, digits.train, fingerprint=digits.fingerprint, root=root)[0]
-    assert second.started is None and second.kind == "actors" and again.hit and again.path == use.path
+    assert second.started is None and second.kind == kind and again.hit and again.path == use.path
 
     one_actor = ActorFill(start_teacher_actors(specs, paths, cpus=0.5, gpus=0.0))
     try:
