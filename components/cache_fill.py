@@ -161,9 +161,10 @@ def assemble(root: str, key: CacheKey, rows: int) -> None:
 
 
 @dataclass
-class RayDataFill:
-    """The Ray Data fill (module docstring): ``replicas`` actors per teacher, each with ``cpus`` CPUs and ``gpus``
-    GPUs. Weights are read and checked when it is made."""
+class StoredWeightsFill:
+    """What the task and Ray Data fills share: ``specs`` and their ``weights`` files, read, checked and put in the
+    object store when the fill is made (``refs``); ``replicas`` workers per teacher, each of ``cpus`` CPUs and
+    ``gpus`` GPUs."""
 
     specs: list[TeacherSpec]
     weights: list[str]
@@ -171,10 +172,20 @@ class RayDataFill:
     gpus: float
     replicas: int = 1
     refs: list[ray.ObjectRef] = field(default_factory=list)
-    kind: ClassVar[str] = "ray_data"
 
     def __post_init__(self) -> None:
         self.refs = [put_checked_weights(spec, path) for spec, path in zip(self.specs, self.weights)]
+
+    def release(self) -> None:
+        self.refs = []
+
+
+@dataclass
+class RayDataFill(StoredWeightsFill):
+    """The Ray Data fill (module docstring): ``replicas`` actors per teacher, each with ``cpus`` CPUs and ``gpus``
+    GPUs."""
+
+    kind: ClassVar[str] = "ray_data"
 
     def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
                  keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
@@ -202,9 +213,6 @@ class RayDataFill:
                     if v == view:
                         assemble(root, keys[v][i], rows)
 
-    def release(self) -> None:
-        self.refs = []
-
 
 @ray.remote
 def teacher_chunks(spec: TeacherSpec, weights: list[ray.ObjectRef], source: list[ray.ObjectRef], views: ViewBank,
@@ -223,21 +231,12 @@ MAX_RUN = 8
 
 
 @dataclass
-class TaskFill:
+class TaskFill(StoredWeightsFill):
     """The task fill (module docstring): per teacher, the chunks to compute split into runs of consecutive chunks,
     ``replicas`` of them or more (at most :data:`MAX_RUN` chunks each), each one Ray task of ``cpus`` CPUs and
-    ``gpus`` GPUs. Weights are read and checked when it is made."""
+    ``gpus`` GPUs."""
 
-    specs: list[TeacherSpec]
-    weights: list[str]
-    cpus: float
-    gpus: float
-    replicas: int = 1
-    refs: list[ray.ObjectRef] = field(default_factory=list)
     kind: ClassVar[str] = "tasks"
-
-    def __post_init__(self) -> None:
-        self.refs = [put_checked_weights(spec, path) for spec, path in zip(self.specs, self.weights)]
 
     def __call__(self, source: BatchSource, views: ViewBank, todo: list[tuple[int, int]],
                  keys: list[list[CacheKey]], root: str, dtype: str, taps: list[tuple[str, ...]]) -> None:
@@ -261,9 +260,6 @@ class TaskFill:
                 if buffers[(view, i)].put(start, out):
                     finished = buffers.pop((view, i))
                     write_entry(root, keys[view][i], finished.logits, finished.features)
-
-    def release(self) -> None:
-        self.refs = []
 
 
 #: ``ray.cache_fill`` -> ``(ray config, specs, weights) -> CacheFill`` (the names are :data:`hpmkd.config.CACHE_FILLS`)
