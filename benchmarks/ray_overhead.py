@@ -47,6 +47,7 @@ from hpmkd.components.progress import ProgressHub
 from hpmkd.components.stage_launch import StageLaunch
 from hpmkd.components.stage_runner import run_training_stage
 from hpmkd.components.teacher_service import release
+from hpmkd.components.tracking_relay import TrackingRelay
 from hpmkd.config import RayConfig, load_config
 from hpmkd.pipelines.runner import run_experiment
 from hpmkd.training import StageEnv, train_stage
@@ -79,17 +80,20 @@ def compare_stage(train: int, epochs: int, folder: Path, executors: list[str]) -
     client = MlflowClient(uri)
     experiment = client.create_experiment("ray_overhead")
     hub, splits_ref = ProgressHub.remote(), ray.put(splits)  # as run_experiment does once per experiment
+    relay = TrackingRelay.remote(uri)  # as the experiment's first stage task starts it, shared by the later ones
     for executor in executors:
         for attempt in range(2 if executor == "task" else 1):
             label = EXECUTOR_LABELS[executor] + (" (warm worker)" if attempt else "")
             launch = StageLaunch(spec, train_run_name=f"{executor}-{attempt}", storage_path=str(folder / "ray"),
                                  ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1, executor=executor),
                                  tracking_uri=uri, run_id=client.create_run(experiment).info.run_id,
-                                 teacher_cache=cache, progress_hub=hub, splits_ref=splits_ref)
+                                 teacher_cache=cache, progress_hub=hub, splits_ref=splits_ref,
+                                 tracking_relay=relay if executor == "task" else None)
             began = time.perf_counter()
             staged = run_training_stage(launch, folder / f"out-{executor}-{attempt}")
             runs.append(Run(label, time.perf_counter() - began, staged.metrics, staged.phases))
     ray.kill(hub)
+    ray.kill(relay)
     return {"images": len(splits.train), "epochs": epochs, "runs": runs}
 
 

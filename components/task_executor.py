@@ -77,14 +77,17 @@ def stage_task(config: dict[str, Any]) -> dict[str, Any]:
 def run_on_task(launch: StageLaunch) -> Executed:
     """Fit ``launch`` (one worker) as one Ray task of ``ray.cpus_per_worker`` CPUs (and a GPU with ``ray.use_gpu``)."""
     ray_cfg = launch.ray_cfg
-    relay = launch.tracking_relay
-    if relay is None and launch.run_id:  # a launch outside an experiment: a relay of its own
-        relay = TrackingRelay.remote(launch.tracking_uri)
+    own_relay = TrackingRelay.remote(launch.tracking_uri) if launch.tracking_relay is None and launch.run_id else None
     config = {**launch.worker_config(), "storage_path": launch.storage_path, "run_name": launch.train_run_name,
-              "tracking_relay": relay, "run_id": launch.run_id, "use_gpu": ray_cfg.use_gpu}
+              "tracking_relay": launch.tracking_relay or own_relay, "run_id": launch.run_id,
+              "use_gpu": ray_cfg.use_gpu}
     task = stage_task.options(name=f"{TASK_NAME_PREFIX}{launch.spec.name}", num_cpus=ray_cfg.cpus_per_worker,
                               num_gpus=1 if ray_cfg.use_gpu else 0, max_retries=ray_cfg.max_failures,
                               retry_exceptions=True)
-    result = ray.get(task.remote(config))
+    try:
+        result = ray.get(task.remote(config))
+    finally:
+        if own_relay is not None:  # a launch outside an experiment got a relay of its own
+            ray.kill(own_relay)
     store = EpochCheckpoints(launch.storage_path, launch.train_run_name)
     return Executed(result, lambda: store.latest().state)

@@ -107,6 +107,7 @@ def run_experiment(
             results, error = run_graph(stages, shown(monitor, lambda s, inputs: execute(s, ctx, inputs)),
                                        resources.get("CPU", 1.0), cfg.ray.parallel, estimates)
         finally:
+            ctx.close()
             if monitor is not None:
                 monitor.close()
         summary = summarise(cfg, stages, results, parent, tracking_uri, time.perf_counter() - began, estimates)

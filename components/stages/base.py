@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import ray
 from mlflow.exceptions import MlflowException
 
 from hpmkd.components import claims
@@ -74,6 +75,13 @@ class ExperimentContext:
             if self._relay is None:
                 self._relay = TrackingRelay.remote(self.tracker.tracking_uri)
             return self._relay
+
+    def close(self) -> None:
+        """End the actors the experiment started for its stages (the tracking relay)."""
+        with self._relay_lock:
+            if self._relay is not None:
+                ray.kill(self._relay)
+                self._relay = None
 
     def stage_dir(self, stage: str) -> Path:
         """The folder of stage ``stage``'s files: a safe file name under :attr:`out_dir`, never outside it."""
