@@ -118,8 +118,11 @@ def kill_a_stage_worker() -> int | None:
     address = ray.get_runtime_context().gcs_address  # this session's cluster, even if others run on the machine
     pids = [actor.pid for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True)
             if actor.class_name == "RayTrainWorker" and actor.pid]
-    pids += [task.worker_pid for task in list_tasks(address=address, filters=[("state", "=", "RUNNING")], detail=True)
-             if task.name.startswith(TASK_NAME_PREFIX) and task.worker_pid]
+    # a stage task waiting on its tracking relay each epoch shows as RUNNING_IN_RAY_GET for that moment, and Ray's
+    # state API can report that state a while after it has passed
+    for state in ("RUNNING", "RUNNING_IN_RAY_GET", "RUNNING_IN_RAY_WAIT"):
+        pids += [task.worker_pid for task in list_tasks(address=address, filters=[("state", "=", state)], detail=True)
+                 if task.name.startswith(TASK_NAME_PREFIX) and task.worker_pid]
     if not pids:
         return None
     os.kill(pids[0], signal.SIGKILL)

@@ -26,7 +26,9 @@ from hpmkd.predictors import WeightSamples, load_predictor
 from conftest import kill_a_stage_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-MODE_EPOCHS, SAMPLE_EPOCHS = 2, 5
+# 20 sampling epochs of about 0.1 s each: a window of 2 s for the watcher below to kill the chain in (5 left it
+# 0.4 s, which a watcher slowed by a loaded machine missed)
+MODE_EPOCHS, SAMPLE_EPOCHS = 2, 20
 TINY = ["data.max_train=600", "data.max_val=200", "data.max_test=400", f"train.epochs={MODE_EPOCHS}",
         "train.batch_size=32", "teachers.0.train={epochs: 1}", "teachers.1.train={epochs: 1}", "distill.baseline=false",
         f"mtbkd.sample_epochs={SAMPLE_EPOCHS}", "mtbkd.burn_in=6", "mtbkd.samples=4", "mtbkd.sampler={lr: 2.0e-6}",
@@ -41,8 +43,8 @@ def config(root: Path, *extra: str):
 
 def kill_chain_mid_sampling(uri: str, stop: threading.Event) -> list[int]:
     """Once the chain ``mtbkd`` has logged a sampling epoch (``posterior_phase`` 1) and not yet its last, SIGKILL the
-    Ray Train worker (the stages run one at a time, so it is the chain's). The window is the last four sampling epochs,
-    so that a fast machine cannot finish the chain between two looks."""
+    stage's worker (the stages run one at a time, so it is the chain's). The window is every sampling epoch but the
+    first and the last (:data:`SAMPLE_EPOCHS`), so that a fast machine cannot finish the chain between two looks."""
     client, killed = MlflowClient(uri), []
     while not stop.is_set() and not killed:
         time.sleep(0.1)
