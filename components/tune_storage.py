@@ -1,34 +1,32 @@
-"""Where a Tune search keeps its state, written so that a driver killed at any moment leaves a state that restores.
+"""Where a Tune search keeps its state, and whether that state can be restored after the driver was killed.
 
 Tune saves the search's state (``experiment_state-*.json``, the searcher's ``*-state-*.json`` pickles, ``tuner.pkl``)
 in a local staging folder and copies it to ``ray.storage_path`` from a background thread; on a local folder that copy
 opens each file, truncating it, and then writes it. A driver killed inside that window left an empty searcher state
 behind (Ray 2.60): on the rerun ``Tuner.restore`` failed on it and Tune silently started the experiment again with
-an empty search space. Two guards:
+an empty search space, and the stage died on a missing hyperparameter.
 
-* :func:`search_storage`: a local ``storage_path`` gets :class:`WholeFiles`, a pyarrow file system whose files are
-  written to a temporary name beside their target and renamed over it when closed (a rename within a folder is
-  atomic on POSIX), so a copy cut off mid-write leaves the previous version whole. Trial checkpoints are written
-  through it too. An object store (``s3://``, ``gs://``) writes each object whole already and is used as it is.
-* :func:`resumable`: before restoring, every state file is read without being unpickled (a JSON parse, or a walk
-  over the pickle's opcodes to its ``STOP``, :func:`unreadable_state`); a search whose state is cut off anyway (written
-  by an older hpmkd, or on a full disk) is set aside and started again, with a warning, rather than half-restored.
+:func:`resumable` reads every state file before a restore, without unpickling it (a JSON parse, or a walk over the
+pickle's opcodes to its ``STOP``: :func:`unreadable_state`). A search whose state is cut off is set aside (renamed
+``<name>.unreadable-<time>``, kept to look at) with a warning, and the stage starts the search again, rather than
+half-restoring it.
+
+Tried and dropped: handing Tune a file system that writes each file under a temporary name and renames it over its
+target. No file was cut off any more, but the copy, now in Python, took longer between one file and the next, and a
+kill between them left a searcher state one step older than the experiment state: the restored searcher waited for
+a trial it believed was still running, and the search never ended (a CI run hung). Tune's files are not written as
+one set; hpmkd checks them instead.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 import pickletools
 import time
-import uuid
 from pathlib import Path
 
-import pyarrow
 import pyarrow.fs
-from fsspec.implementations.local import LocalFileSystem
 from ray import tune
 
 from hpmkd.data.storage import is_uri
@@ -37,43 +35,15 @@ log = logging.getLogger("hpmkd")
 
 #: the suffixes of the state files Tune keeps at the top of an experiment folder
 STATE_SUFFIXES = (".json", ".pkl")
-#: the infix of a file still being written (``.<name>.partial-<random>``, in its target's folder)
-PARTIAL_INFIX = ".partial-"
 #: the suffix of a search folder set aside because its state was cut off
 SET_ASIDE_INFIX = ".unreadable-"
 
 
-class _RenamedOnClose(io.FileIO):
-    """A file written under a temporary name in its target's folder, renamed to the target when closed."""
-
-    def __init__(self, target: str):
-        self.target = target
-        folder, name = os.path.split(target)
-        super().__init__(os.path.join(folder, f".{name}{PARTIAL_INFIX}{uuid.uuid4().hex}"), "wb")
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        super().close()
-        os.replace(self.name, self.target)
-
-
-class WholeFiles(pyarrow.fs.FSSpecHandler):
-    """The local file system, except that a file opened for writing appears only once it is whole."""
-
-    def __init__(self) -> None:
-        super().__init__(LocalFileSystem())
-
-    def open_output_stream(self, path: str, metadata: dict | None) -> pyarrow.NativeFile:
-        return pyarrow.PythonFile(_RenamedOnClose(path), mode="w")
-
-
 def search_storage(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The file system Tune writes ``storage_path`` through, and the path in it: a local folder (made absolute) gets
-    :class:`WholeFiles`, a URI the file system it names."""
+    """The file system of ``storage_path`` and the path in it (a local folder made absolute)."""
     if is_uri(storage_path):
         return pyarrow.fs.FileSystem.from_uri(storage_path)
-    return pyarrow.fs.PyFileSystem(WholeFiles()), str(Path(storage_path).resolve())
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
 
 
 def whole_pickle(data: bytes) -> bool:

@@ -24,6 +24,7 @@ from conftest import train_digits_teacher
 from hpmkd.components.graph import ModelArtifact, StageResult
 from hpmkd.components.memory import recall, task_features
 from hpmkd.components.tracking import child_runs
+from hpmkd.components.tune_storage import SET_ASIDE_INFIX
 from hpmkd.config import DataConfig, TrainConfig, load_config
 from hpmkd.data import load_dataset
 from hpmkd.meta_features import TaskFeatures
@@ -321,10 +322,16 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_session, 
 
     tune = next(s for s in summary["stages"] if s["name"] == "tune")
     assert tune["status"] == "FINISHED" and tune["metrics"]["trials"] == 3
-    assert tune["metrics"]["trials_restored"] >= 2
     tune_run = client.get_run(tune["run_id"])
-    assert tune_run.data.tags["restored"] == "true"
     trials = client.search_runs([tune_run.info.experiment_id], "tags.kind = 'trial'")
+    if list((tmp_path / "runs" / "ray").glob(f"cm-tune-*{SET_ASIDE_INFIX}*")):
+        # the kill landed while Tune copied a state file, cutting it off: the search was set aside and ran again
+        assert tune_run.data.tags["restored"] == "false" and tune["metrics"]["trials_restored"] == 0
+        assert sorted(t.info.status for t in trials).count("FINISHED") == 3
+        assert all(t.info.status == "FAILED" for t in trials if t.info.run_id in before.values())
+        return
+    assert tune["metrics"]["trials_restored"] >= 2
+    assert tune_run.data.tags["restored"] == "true"
     assert len(trials) == 3  # the same three trials, none started again under a new id
     assert all(t.info.status == "FINISHED" and t.data.tags["mlflow.parentRunId"] == tune["run_id"] for t in trials)
     for trial_id, run_id in before.items():  # finished before the kill: kept as they were, not trained again

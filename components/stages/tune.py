@@ -25,9 +25,9 @@ proposals, and hands the best configuration (on validation) to the stages that d
   of the same stage was interrupted, after that run (:func:`hpmkd.components.stages.resume_key`); a stage that
   finds it (``Tuner.can_restore``) calls ``Tuner.restore``: finished trials are kept, unfinished and errored ones
   continue from their last per-epoch checkpoint, and their MLflow runs are picked up again. With ``reuse: false``
-  nothing is restored, the search starts afresh. The state is written so that a driver killed mid-write leaves it
-  whole, and checked before it is restored (:mod:`hpmkd.components.tune_storage`): a search whose state is cut off
-  anyway (written by an older hpmkd) is set aside and started again, with a warning, rather than half-restored.
+  nothing is restored, the search starts afresh. The state is checked before it is restored
+  (:mod:`hpmkd.components.tune_storage`): a search whose state a killed driver cut off is set aside and started
+  again, with a warning, rather than half-restored.
 * **Output**: ``overrides`` (the config key paths of the best configuration), which every stage depending on this
   one runs with (:func:`hpmkd.components.stages.configured`); plus the proposals, their source and the chosen config.
 """
