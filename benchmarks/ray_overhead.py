@@ -1,7 +1,7 @@
 """The cost of running a stage on Ray: a distill stage through each stage executor against the same loop in plain
 PyTorch, side by side; and a whole pipeline's wall time against the training time on its critical path.
 
-    python benchmarks/ray_overhead.py [--sizes 30s 2min] [--quick] [--executors task train]
+    python benchmarks/ray_overhead.py [--sizes 30s 2min] [--quick] [--executors task train] [--rounds N]
     python benchmarks/ray_overhead.py --sizes --pipeline conf/default.yaml [--set key=value ...] [--orders]
 
 **Stages.** Every run executes :func:`hpmkd.training.train_stage` on the same spec (default student, KD from one
@@ -15,7 +15,10 @@ stage's workers read the driver's, and copies the selected weights out at the en
 read by all. Sizes: ``30s`` (5,000 images, 36 epochs) and ``2min`` (20,000 images, 36 epochs), each about that long
 in plain PyTorch on an idle core. Reported per size and run: wall time; the sum of the epochs' own times (training
 and validation, ``epoch_time_s``) and its ratio to plain (the per-epoch cost); the fixed cost (wall minus epochs) and
-what Ray adds to plain's; Ray's phases (:mod:`hpmkd.phases`).
+what Ray adds to plain's; Ray's phases (:mod:`hpmkd.phases`). ``--rounds N`` runs the plain loop and the first
+executor's stage (then on a warm worker) again, alternating, until each has run N times, and compares each Ray run
+with the plain run of its own round: on a shared machine the speed drifts between runs a minute apart, and a single
+pair cannot tell that drift from Ray's cost.
 
 **Pipeline** (``--pipeline CONFIG``): the experiment runs end to end in a fresh MLflow store (``reuse`` off), and
 its wall time is compared with the training time on its critical path: along the chain of stages with the largest
@@ -32,6 +35,7 @@ one-worker stage with).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,9 +63,9 @@ SIZES = {"30s": (5000, 36), "2min": (20000, 36)}
 QUICK = (2000, 3)
 
 
-def compare_stage(train: int, epochs: int, folder: Path, executors: list[str]) -> dict[str, Any]:
+def compare_stage(train: int, epochs: int, folder: Path, executors: list[str], rounds: int = 1) -> dict[str, Any]:
     """One size: the plain loop, then each executor's stage (the task executor twice), one after the other in this
-    process."""
+    process; each further round runs the plain loop and the first executor's stage (on a warm worker) again."""
     data = data_config(train)
     splits = load(data)
     spec = distill_spec(data, teachers=1, epochs=epochs)
@@ -72,26 +76,33 @@ def compare_stage(train: int, epochs: int, folder: Path, executors: list[str]) -
     finally:
         release(pools)
 
-    began = time.perf_counter()
-    plain = train_stage(spec, StageEnv(teachers=CachedTeachers(spec.teacher_names, cache)))
-    runs = [Run("plain PyTorch (this process)", time.perf_counter() - began, plain, {})]
-
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("ray_overhead")
     hub, splits_ref = ProgressHub.remote(), ray.put(splits)  # as run_experiment does once per experiment
     relay = TrackingRelay.remote(uri)  # as the experiment's first stage task starts it, shared by the later ones
+
+    def staged(executor: str, label: str, number: int, round_: int) -> Run:
+        launch = StageLaunch(spec, train_run_name=f"{executor}-{round_}-{number}", storage_path=str(folder / "ray"),
+                             ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1, executor=executor),
+                             tracking_uri=uri, run_id=client.create_run(experiment).info.run_id,
+                             teacher_cache=cache, progress_hub=hub, splits_ref=splits_ref,
+                             tracking_relay=relay if executor == "task" else None)
+        began = time.perf_counter()
+        trained = run_training_stage(launch, folder / f"out-{executor}-{round_}-{number}")
+        return Run(label, time.perf_counter() - began, trained.metrics, trained.phases, round_)
+
+    def plain(round_: int) -> Run:
+        began = time.perf_counter()
+        out = train_stage(spec, StageEnv(teachers=CachedTeachers(spec.teacher_names, cache)))
+        return Run("plain PyTorch (this process)", time.perf_counter() - began, out, {}, round_)
+
+    runs = [plain(1)]
     for executor in executors:
         for attempt in range(2 if executor == "task" else 1):
-            label = EXECUTOR_LABELS[executor] + (" (warm worker)" if attempt else "")
-            launch = StageLaunch(spec, train_run_name=f"{executor}-{attempt}", storage_path=str(folder / "ray"),
-                                 ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1, executor=executor),
-                                 tracking_uri=uri, run_id=client.create_run(experiment).info.run_id,
-                                 teacher_cache=cache, progress_hub=hub, splits_ref=splits_ref,
-                                 tracking_relay=relay if executor == "task" else None)
-            began = time.perf_counter()
-            staged = run_training_stage(launch, folder / f"out-{executor}-{attempt}")
-            runs.append(Run(label, time.perf_counter() - began, staged.metrics, staged.phases))
+            runs.append(staged(executor, EXECUTOR_LABELS[executor] + (" (warm worker)" if attempt else ""), attempt, 1))
+    for round_ in range(2, rounds + 1):
+        runs += [plain(round_), staged(executors[0], EXECUTOR_LABELS[executors[0]] + " (warm worker)", 0, round_)]
     ray.kill(hub)
     ray.kill(relay)
     return {"images": len(splits.train), "epochs": epochs, "runs": runs}
@@ -99,12 +110,13 @@ def compare_stage(train: int, epochs: int, folder: Path, executors: list[str]) -
 
 @dataclass
 class Run:
-    """One run of the stage: its wall time, its result (with the epochs' ``history``), its phases."""
+    """One run of the stage: its wall time, its result (with the epochs' ``history``), its phases, its round."""
 
     label: str
     wall: float
     out: dict[str, Any]
     phases: dict[str, float]
+    round: int = 1
 
     @property
     def epochs_s(self) -> float:
@@ -115,19 +127,29 @@ EXECUTOR_LABELS = {"task": "Ray task stage", "train": "Ray Train stage (1 worker
 
 
 def print_stage(size: str, row: dict[str, Any]) -> float:
-    """The table of one size; the first Ray run's wall ratio to plain, less 1."""
+    """The table of one size, each run against the plain loop of its round; the first Ray run's wall ratio to plain,
+    less 1."""
     print(f"\n{size}: distill stage, {row['images']} images, {row['epochs']} epochs, batch 128, student "
           f"{STUDENT.model}, 1 cached {TEACHER.model} teacher")
-    print(f"{'run':<38}{'wall s':>9}{'epochs s':>10}{'fixed s':>9}{'added s':>9}{'epoch ratio':>12}{'wall ratio':>11}"
-          f"{'test acc':>10}")
-    plain, *staged = row["runs"]
+    print(f"{'round':<6}{'run':<38}{'wall s':>9}{'epochs s':>10}{'fixed s':>9}{'added s':>9}{'epoch ratio':>12}"
+          f"{'wall ratio':>11}{'test acc':>10}")
+    plains = {run.round: run for run in row["runs"] if not run.phases}
     for run in row["runs"]:
+        plain = plains[run.round]
         added = (run.wall - run.epochs_s) - (plain.wall - plain.epochs_s)
-        print(f"{run.label:<38}{run.wall:>9.1f}{run.epochs_s:>10.1f}{run.wall - run.epochs_s:>9.1f}{added:>9.1f}"
-              f"{run.epochs_s / plain.epochs_s:>12.3f}{run.wall / plain.wall:>11.3f}{run.out['test_acc']:>10.4f}")
+        print(f"{run.round:<6}{run.label:<38}{run.wall:>9.1f}{run.epochs_s:>10.1f}{run.wall - run.epochs_s:>9.1f}"
+              f"{added:>9.1f}{run.epochs_s / plain.epochs_s:>12.3f}{run.wall / plain.wall:>11.3f}"
+              f"{run.out['test_acc']:>10.4f}")
+    staged = [run for run in row["runs"] if run.phases]
     for run in staged:
-        print(f"{run.label} phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run.phases.items()))
-    return staged[0].wall / plain.wall - 1
+        print(f"round {run.round} {run.label} phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run.phases.items()))
+    if len(plains) > 1:  # each round's last run of the first executor (its warm one) against that round's plain
+        last = {run.round: run for run in staged if run.label.startswith(staged[0].label)}
+        for name, measure in (("epoch", lambda r: r.epochs_s), ("wall", lambda r: r.wall)):
+            ratios = [measure(run) / measure(plains[round_]) for round_, run in sorted(last.items())]
+            print(f"{last[1].label} / plain, {name} ratio by round: " + ", ".join(f"{r:.3f}" for r in ratios)
+                  + f"; median {statistics.median(ratios):.3f}")
+    return staged[0].wall / plains[1].wall - 1
 
 
 def critical_training(summary: dict[str, Any]) -> tuple[list[str], float]:
@@ -165,6 +187,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"one tiny stage ({QUICK[0]} images, {QUICK[1]} epochs)")
     ap.add_argument("--executors", nargs="+", default=["task", "train"], choices=list(EXECUTOR_LABELS),
                     help="the stage executors to compare with the plain loop (ray.executor)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the plain loop and the first executor's warm stage "
+                    "again this many times in all, alternating, and give each round's ratios (drift on a shared "
+                    "machine moves one run against the other; alternating shows it)")
     ap.add_argument("--pipeline", metavar="CONFIG", help="also run this experiment and compare with its critical path")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--orders", action="store_true", help="run the pipeline in listed order, then critical path first")
@@ -176,7 +201,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size, (train, epochs) in sizes.items():
             folder = Path(tmp) / size
-            overhead = print_stage(size, compare_stage(train, epochs, folder, args.executors))
+            overhead = print_stage(size, compare_stage(train, epochs, folder, args.executors, args.rounds))
         if args.pipeline:
             uri = f"sqlite:///{Path(tmp) / 'pipeline.db'}"
             orders = ["listed", "critical_path"] if args.orders else ["critical_path"]

@@ -11,7 +11,9 @@ Both checkpoint every epoch under ``ray.storage_path`` and resume from it (a res
 interrupted stage), log each epoch to the stage's MLflow run exactly once, after its checkpoint, report it to the
 live progress display (:mod:`hpmkd.components.progress`), and record the node of every rank
 (:mod:`hpmkd.components.placement`). The stage's selected predictor (:mod:`hpmkd.predictors`) is written from the
-last checkpoint as ``model.pt``, and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics.
+last checkpoint as ``model.pt``, and the stage's phases (:mod:`hpmkd.phases`) come back with its metrics. The worker
+returns its selected predictor's test predictions; the test metrics are computed from them here, in the driver
+(:func:`hpmkd.evaluation.measure`), so no worker process imports the metrics' libraries.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hpmkd.components.stage_launch import Executed, StageLaunch
 from hpmkd.components.task_executor import run_on_task
 from hpmkd.components.train_executor import run_on_train
 from hpmkd.config import RayConfig
+from hpmkd.evaluation import measure
 from hpmkd.phases import Phases
 from hpmkd.predictors import save_predictor
 from hpmkd.selection import selected_payload
@@ -65,6 +68,9 @@ def run_training_stage(launch: StageLaunch, out_dir: Path) -> TrainedStage:
     phases = Phases()
     phases.update(result.pop("phases"))
     phases.add("fit_end", time.time() - result.pop("returned_at"))  # the workers stopped, the result back
+    if (predicted := result.pop("final_predictions", None)) is not None:  # the worker predicted; measured here
+        with phases.timed("test"):
+            result.update(measure(predicted, launch.spec.evaluation))
     with phases.timed("copy_out"):
         out_dir.mkdir(parents=True, exist_ok=True)
         state = executed.last_state()

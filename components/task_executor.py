@@ -70,6 +70,7 @@ def stage_task(config: dict[str, Any]) -> dict[str, Any]:
         report=report,
         teachers=worker_teachers(config["teacher_names"], config["teacher_actors"], config["teacher_cache"], 0),
         splits=splits,
+        measure_test=False,  # the driver measures (hpmkd.components.stage_runner)
     )
     return {**run_rank(config, env, began, fetched), "rank_nodes": [ray.get_runtime_context().get_node_id()]}
 

@@ -77,6 +77,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         teachers=worker_teachers(config["teacher_names"], config["teacher_actors"], config["teacher_cache"], rank),
         all_reduce_mean=all_reduce_mean,
         splits=splits,
+        measure_test=False,  # the driver measures (hpmkd.components.stage_runner)
     )
     return {**run_rank(config, env, began, fetched), "rank_nodes": rank_nodes}
 

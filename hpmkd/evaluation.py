@@ -12,6 +12,11 @@ binary-only metric on ten classes, or an epistemic measure of a single network).
 A *test shift* is an entry of :data:`SHIFTS` (Gaussian noise, blur: :mod:`hpmkd.uncertainty_metrics`): it corrupts
 the test inputs at a fixed severity, and every metric is recorded on the shifted split too, as
 ``test_<shift>_<name>``. ``evaluation.shifts`` names the shifts and their severities.
+
+Predicting and measuring are two steps (:func:`predict_final`, then :func:`measure`), so they can run in different
+processes: a Ray stage's worker predicts, and the driver measures what it returned (a few MB of log-probabilities);
+the metrics' libraries (scikit-learn, torchmetrics, SciPy: about 1.5 s to import) are then imported once per driver,
+not once per worker process (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpmkd.config import SECTIONS, positive
+from hpmkd.config import SECTIONS, load_plugins, positive
 from hpmkd.config_schema import join
 from hpmkd.data.source import BatchSource
 from hpmkd.registry import ConfigError, Registry
@@ -136,9 +141,7 @@ def predict(predictor: nn.Module, split: BatchSource, batch_size: int, device: t
 def test_metrics(predictions: Predictions, options: EvaluationConfig | None = None,
                  prefix: str = "test_") -> dict[str, float]:
     """Every registered metric on ``predictions``, as ``<prefix><name>``."""
-    from hpmkd.config import load_plugins  # metrics registered by plugin modules
-
-    load_plugins()
+    load_plugins()  # metrics registered by plugin modules
     options = options or EvaluationConfig()
     out: dict[str, float] = {}
     for name in METRICS.names():
@@ -171,26 +174,53 @@ class ShiftedSource:
         return self.shift(x, torch.arange(len(x))) is not None
 
 
+@dataclass
+class FinalPredictions:
+    """What a final stage's selected predictor predicted, for :func:`measure`: on the test split (``test``, with its
+    validation predictions as ``calibration``), on each shifted test split that applies (``shifted``, by shift
+    name), and the measures that need the predictor itself rather than its predictions (``measured``: its size and
+    throughput, ``evaluation.efficiency``)."""
+
+    test: Predictions
+    shifted: dict[str, Predictions] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)
+
+
+def predict_final(predictor: nn.Module, splits: Any, batch_size: int, device: torch.device,
+                  options: EvaluationConfig | None = None) -> FinalPredictions:
+    """``predictor``'s predictions on the test split and on every shifted test split ``options`` names (see
+    :func:`final_test_metrics`), on the CPU."""
+    load_plugins()  # shifts registered by plugin modules
+    options = options or EvaluationConfig()
+    calibration = predict(predictor, splits.val, batch_size, device)
+    predicted = FinalPredictions(replace(predict(predictor, splits.test, batch_size, device), calibration=calibration))
+    for name, severity in options.shifts.items():
+        shifted = ShiftedSource(splits.test, SHIFTS.build(name, severity, f"evaluation.shifts.{name}"))
+        if shifted.applies():
+            predicted.shifted[name] = replace(predict(predictor, shifted, batch_size, device), true_probs=None,
+                                              calibration=calibration)
+    if options.efficiency:
+        from hpmkd.efficiency import efficiency
+
+        predicted.measured = {f"test_{k}": v for k, v in efficiency(predictor, splits.test).items()}
+    return predicted
+
+
+def measure(predicted: FinalPredictions, options: EvaluationConfig | None = None) -> dict[str, float]:
+    """Every registered metric on the test predictions, as ``test_<name>``, and on each shifted split's, as
+    ``test_<shift>_<name>``, with the predictor's own measures."""
+    out = test_metrics(predicted.test, options)
+    for name, predictions in predicted.shifted.items():
+        out.update(test_metrics(predictions, options, prefix=f"test_{name}_"))
+    return {**out, **predicted.measured}
+
+
 def final_test_metrics(predictor: nn.Module, splits: Any, batch_size: int, device: torch.device,
                        options: EvaluationConfig | None = None) -> dict[str, float]:
     """What a final stage records about its selected predictor: every metric on the test split (prediction sets
     calibrated on the validation split) as ``test_<name>``, and on each shifted test split as
     ``test_<shift>_<name>`` (the sets keep their validation calibration: how they hold up under shift)."""
-    options = options or EvaluationConfig()
-    calibration = predict(predictor, splits.val, batch_size, device)
-    test = replace(predict(predictor, splits.test, batch_size, device), calibration=calibration)
-    out = test_metrics(test, options)
-    for name, severity in options.shifts.items():
-        shifted = ShiftedSource(splits.test, SHIFTS.build(name, severity, f"evaluation.shifts.{name}"))
-        if shifted.applies():
-            predictions = replace(predict(predictor, shifted, batch_size, device), true_probs=None,
-                                  calibration=calibration)
-            out.update(test_metrics(predictions, options, prefix=f"test_{name}_"))
-    if options.efficiency:
-        from hpmkd.efficiency import efficiency
-
-        out.update({f"test_{k}": v for k, v in efficiency(predictor, splits.test).items()})
-    return out
+    return measure(predict_final(predictor, splits, batch_size, device, options), options)
 
 
 @METRICS.register("brier")

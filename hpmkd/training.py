@@ -33,7 +33,7 @@ from hpmkd.data.splits import trial_rows
 from hpmkd.data.views import ViewBank
 from hpmkd.distill_batch import TeacherOutputs
 from hpmkd.distiller import CrossEntropyObjective, Distiller, StepOutput
-from hpmkd.evaluation import EvaluationConfig, evaluate, final_test_metrics
+from hpmkd.evaluation import EvaluationConfig, evaluate, measure, predict_final
 from hpmkd.models import count_params, load_state_checked, model_taps
 from hpmkd.models.ref import ModelRef
 from hpmkd.models.state import state_digest
@@ -106,6 +106,9 @@ class StageEnv:
     # the splits of ``spec.data`` and ``spec.seed`` when the caller has them already (a Ray worker gets the driver's
     # through the object store instead of reading and splitting the files again); ``None``: loaded here
     splits: DataSplits | None = None
+    # compute the test metrics here; ``False``: return the test predictions instead, as ``final_predictions``, for
+    # the caller to measure (:func:`hpmkd.evaluation.measure`): a Ray stage's driver, so no worker imports the metrics
+    measure_test: bool = True
 
 
 def prefetching(
@@ -246,8 +249,9 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     if spec.read_test:
         with phases.timed("test"):
             acc, loss = evaluate(predictor, splits.test, cfg.eval_batch_size, env.device)
+            predicted = predict_final(predictor, splits, cfg.eval_batch_size, env.device, spec.evaluation)
             tested = {"test_acc": acc, "test_loss": loss,
-                      **final_test_metrics(predictor, splits, cfg.eval_batch_size, env.device, spec.evaluation)}
+                      **(measure(predicted, spec.evaluation) if env.measure_test else {"final_predictions": predicted})}
     return {
         **tested,
         **selection.summary(),

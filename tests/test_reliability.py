@@ -632,6 +632,29 @@ def loopback(address: str) -> bool:
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
+def test_ray_processes_inherit_the_settings_and_the_job_has_no_runtime_env(ray_session):
+    """hpmkd's Ray settings reach every Ray process through the environment, not as the job's runtime env: with one,
+    Ray would start a new process for each task instead of using the pooled ones that ray.init started."""
+    from hpmkd.components.ray_runtime import RAY_DEFAULT_ENV
+
+    @ray_session.remote(num_cpus=0)
+    def settings() -> dict:
+        return {key: os.environ.get(key) for key in RAY_DEFAULT_ENV}
+
+    assert ray_session.get(settings.remote()) == {key: os.environ[key] for key in RAY_DEFAULT_ENV}
+    assert not ray_session.get_runtime_context().runtime_env
+
+
+def test_exported_settings_are_restored_after_the_block(monkeypatch):
+    from hpmkd.components.ray_runtime import exported
+
+    monkeypatch.setenv("HPMKD_KEPT", "before")
+    monkeypatch.delenv("HPMKD_NEW", raising=False)
+    with exported({"HPMKD_KEPT": "during", "HPMKD_NEW": "during"}):
+        assert os.environ["HPMKD_KEPT"] == os.environ["HPMKD_NEW"] == "during"
+    assert os.environ["HPMKD_KEPT"] == "before" and "HPMKD_NEW" not in os.environ
+
+
 @pytest.mark.integration
 def test_local_ray_listens_on_loopback_only_and_requires_the_token(ray_session, tmp_path):
     sockets = listening(descendants(os.getpid()))

@@ -16,6 +16,7 @@ from hpmkd.components.epoch_checkpoints import EPOCH_PREFIX, EpochCheckpoints
 from hpmkd.components.stage_launch import StageLaunch
 from hpmkd.components.stage_runner import executor_name, run_training_stage
 from hpmkd.config import DataConfig, RayConfig, TrainConfig, load_config
+from hpmkd.evaluation import measure
 from hpmkd.models.ref import ModelRef
 from hpmkd.registry import ConfigError
 from hpmkd.training import StageEnv, StageSpec, train_stage
@@ -62,6 +63,26 @@ def test_both_executors_train_bit_for_bit_the_same(ray_session, tmp_path):
     assert task.placement["node_ids"] == train.placement["node_ids"]
     assert set(task.phases) == set(train.phases)
     assert [p.name for p in (tmp_path / "task" / "ray" / "run").iterdir()] == [f"{EPOCH_PREFIX}000002"]
+
+
+def test_the_driver_measures_what_the_worker_predicted(ray_session, tmp_path):
+    """A worker returns its predictions, not its metrics: the driver's measure of them is what the loop computes in
+    one process, every test metric and every shift alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker trains (ray.cpus_per_worker: 1)
+    try:
+        in_process = train_stage(SPEC, StageEnv())
+        predicted = train_stage(SPEC, StageEnv(measure_test=False))
+    finally:
+        torch.set_num_threads(threads)
+    tested = {k: v for k, v in in_process.items() if k.startswith("test_")}
+    assert {"test_ece", "test_noise_ece", "test_blur_ece", "test_brier"} <= set(tested)
+    assert not any(k.startswith("test_") and k not in ("test_acc", "test_loss") for k in predicted)
+    assert measure(predicted["final_predictions"], SPEC.evaluation) | {
+        "test_acc": predicted["test_acc"], "test_loss": predicted["test_loss"]} == tested
+    task = fit(tmp_path, "task")
+    assert "final_predictions" not in task.metrics
+    assert {k: v for k, v in task.metrics.items() if k.startswith("test_")} == tested
 
 
 def test_a_rerun_resumes_from_the_last_epoch_checkpoint(ray_session, tmp_path):
