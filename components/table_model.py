@@ -18,7 +18,7 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-from hpmkd.components.tracking import EXPORT_LOCK, Tracker
+from hpmkd.components.tracking import EXPORT_LOCK, Tracker, torch_requirement
 from hpmkd.data import DataSplits
 from hpmkd.models.ref import DataShape, ModelRef
 
@@ -54,8 +54,6 @@ class TableStudent(mlflow.pyfunc.PythonModel):
 
 def log_table_model(tracker: Tracker, run_id: str, model_path: str, model: ModelRef, splits: DataSplits) -> None:
     """Log the student in ``model_path`` as a :class:`TableStudent` named ``model`` on ``run_id``."""
-    import torch
-
     with tempfile.TemporaryDirectory() as folder:
         described = Path(folder) / "model.json"
         described.write_text(json.dumps({"model": model.model, "options": model.options,
@@ -66,4 +64,4 @@ def log_table_model(tracker: Tracker, run_id: str, model_path: str, model: Model
             mlflow.pyfunc.log_model(
                 name="model", python_model=str(MODEL_CODE),
                 artifacts={WEIGHTS: str(model_path), MODEL: str(described), PREPROCESSING: str(preprocessing)},
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pyarrow", "pandas"])
+                pip_requirements=[*torch_requirement(), "pyarrow", "pandas"])

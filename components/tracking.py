@@ -37,6 +37,42 @@ from hpmkd.registry import ConfigError
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 MAX_BATCH = 100
 EXPORT_LOCK = threading.Lock()
+_WARMING: list[threading.Thread] = []  # the warm-up thread of :func:`warm_model_export`, once started
+
+
+def warm_model_export() -> None:
+    """Ready this process's first MLflow model export on a background thread, once per process.
+
+    A process's first ``mlflow.pytorch.log_model`` costs 1.5-2 s more than the next ones: ``torch.export`` sets itself
+    up, and MLflow maps every installed package's modules to check the model's requirements. A stage that will
+    export its student calls this before its training starts; the thread saves a one-layer model to a temporary
+    folder meanwhile, on a core the driver otherwise leaves idle, under :data:`EXPORT_LOCK` (``torch.export`` is
+    not thread-safe).
+    """
+    with EXPORT_LOCK:
+        if _WARMING:
+            return
+        _WARMING.append(threading.Thread(target=_save_a_one_layer_model, name="hpmkd-warm-export", daemon=True))
+    _WARMING[0].start()
+
+
+def _save_a_one_layer_model() -> None:
+    import tempfile
+
+    import mlflow.pytorch
+    import torch
+
+    with EXPORT_LOCK, tempfile.TemporaryDirectory() as folder:
+        mlflow.pytorch.save_model(torch.nn.Linear(1, 1), Path(folder) / "model",
+                                  input_example=torch.zeros(1, 1).numpy(), pip_requirements=torch_requirement())
+
+
+def torch_requirement() -> list[str]:
+    """The exported models' pip requirements: this torch release (given, so MLflow does not spend seconds inferring
+    them)."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}"]
 
 
 def default_tracking_uri(folder: str | os.PathLike = ".") -> str:
@@ -233,12 +269,7 @@ class Tracker:
         thread-safe, and stages finish in parallel driver threads, so exports run one at a time.
         """
         import mlflow.pytorch
-        import torch
 
         with EXPORT_LOCK, mlflow.start_run(run_id=run_id, nested=True):
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
+            mlflow.pytorch.log_model(model, name="model", input_example=input_example,
+                                     pip_requirements=torch_requirement())

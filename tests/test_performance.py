@@ -310,3 +310,27 @@ def test_tune_trials_are_shown_as_rows_of_their_stage(ray_session, tmp_path):
     for trial in trials:
         assert [(done, total) for name, done, total, _ in display.epochs if name == trial] == [(1, 2), (2, 2)]
     assert {name for name, _ in display.ends} >= trials | {"tune"}
+
+
+def test_the_model_export_warm_up_runs_once_and_the_export_after_it_loads(tmp_path):
+    """The warm-up thread is started once per process, holds the export lock while it works, and leaves a real
+    export working (the model it logs loads and predicts as the network does)."""
+    import mlflow
+    import torch
+
+    from hpmkd.components import tracking
+
+    tracking.warm_model_export()
+    tracking.warm_model_export()
+    assert len(tracking._WARMING) == 1
+    tracking._WARMING[0].join(timeout=120)
+    assert not tracking._WARMING[0].is_alive()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.Tracker(uri, "warm")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 1, 2, 2)
+    tracker.log_model(run_id, net, x.numpy())
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert torch.allclose(loaded(x), net(x))

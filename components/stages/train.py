@@ -19,6 +19,7 @@ from hpmkd.components.stage_runner import executor_name, run_training_stage
 from hpmkd.components.stages.base import (STAGE_KINDS, ExperimentContext, StageKind, StageRun, resume_key,
                                          storage_name)
 from hpmkd.components.table_model import log_table_model
+from hpmkd.components.tracking import warm_model_export
 from hpmkd.models.ref import ModelRef
 from hpmkd.predictors import SingleModel, load_predictor
 from hpmkd.evaluation import evaluate, final_test_metrics
@@ -51,10 +52,12 @@ def train_and_record(stage: Stage, ctx: ExperimentContext, run: StageRun, spec: 
         splits_ref=ctx.splits_ref if spec.data == ctx.cfg.data and spec.seed == ctx.cfg.seed else None,
         tracking_relay=ctx.tracking_relay() if executor_name(ctx.cfg.ray) == "task" else None,
     )
+    as_mlflow_model = ctx.cfg.mlflow.log_models and stage.kind not in TEACHER_KINDS
+    if as_mlflow_model:
+        warm_model_export()  # while the stage trains
     trained = run_training_stage(launch, ctx.stage_dir(stage.name))
     run.phases.update(trained.phases)
-    record_model(ctx, run, spec.model, trained.model_path, trained.state_path,
-                 as_mlflow_model=ctx.cfg.mlflow.log_models and stage.kind not in TEACHER_KINDS)
+    record_model(ctx, run, spec.model, trained.model_path, trained.state_path, as_mlflow_model)
     ctx.tracker.set_tags(run.run_id, placement_tags(trained.placement))
     if "reference_sha256" in trained.metrics:
         ctx.tracker.set_tags(run.run_id, {"reference_state_sha256": trained.metrics["reference_sha256"]})
