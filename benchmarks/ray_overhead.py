@@ -176,8 +176,9 @@ def print_pipeline(label: str, summary: dict[str, Any]) -> float:
           f"wall / critical-path training {ratio:.3f}")
     for r in summary["stages"]:
         est = f"{r['estimate_s']:.1f}" if r.get("estimate_s") is not None else "-"
+        fixed = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items() if k not in ("epochs", "total") and v >= 0.05)
         print(f"  {r['name']:<22} started {r['started_s']:7.1f}  wall {r['wall_s']:7.1f}  estimate {est:>7}  "
-              f"epochs {r['phases'].get('epochs', 0.0):7.1f}")
+              f"epochs {r['phases'].get('epochs', 0.0):7.1f}  ({fixed})")
     return ratio
 
 

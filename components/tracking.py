@@ -63,8 +63,9 @@ def _save_a_one_layer_model() -> None:
     import torch
 
     with EXPORT_LOCK, tempfile.TemporaryDirectory() as folder:
+        # two rows, as the stages' exports: torch.export warns that it specialises a batch dimension of 1
         mlflow.pytorch.save_model(torch.nn.Linear(1, 1), Path(folder) / "model",
-                                  input_example=torch.zeros(1, 1).numpy(), pip_requirements=torch_requirement())
+                                  input_example=torch.zeros(2, 1).numpy(), pip_requirements=torch_requirement())
 
 
 def torch_requirement() -> list[str]:
