@@ -16,10 +16,10 @@ What is submitted (``--dry-run`` prints exactly this, as JSON, without contactin
   ``hpmkd`` (with ``hpmkd.components`` and ``hpmkd.pipelines``, mapped onto the upload's ``components/`` and
   ``pipelines/`` by :class:`hpmkd.CheckoutFolders`) from it.
 * ``runtime_env.env_vars``: ``MLFLOW_TRACKING_URI``, any ``--env KEY=VALUE``, and ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1``.
-  The last one is needed: ``hpmkd run`` calls ``ray.init(runtime_env={"env_vars": {...}})`` with
-  ``MLFLOW_TRACKING_URI`` and its Ray Train settings, and Ray refuses to merge a job's runtime env with a driver's
-  that sets the same variable ("Failed to merge the Job's runtime env ... because of a conflict") unless this is
-  set. (Observed with Ray 2.60.)
+  ``hpmkd run`` joins the job's cluster without a runtime env of its own; the override keeps a driver script that
+  wraps hpmkd and passes one to ``ray.init`` from being refused, since Ray will not merge a job's runtime env with a
+  driver's that sets the same variable ("Failed to merge the Job's runtime env ... because of a conflict"; Ray
+  2.60).
 
 Where the cluster is: ``--address`` (the Ray dashboard / job server, ``http://HEAD:8265``), else
 ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``. Token authentication is the client's business: with
@@ -52,7 +52,7 @@ AGENT_WAIT_S = 60.0
 #: Tracking-URI schemes that only work on the machine that holds the file.
 LOCAL_TRACKING_SCHEMES = ("sqlite:", "file:")
 
-#: See the module docstring: lets ``hpmkd run``'s own ``ray.init(runtime_env=...)`` join the job's runtime env.
+#: See the module docstring: lets a driver's own ``ray.init(runtime_env=...)`` join the job's runtime env.
 OVERRIDE_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 
 
