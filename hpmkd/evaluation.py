@@ -48,6 +48,10 @@ class Predictions:
     members: Tensor | None = None
     true_probs: Tensor | None = None
     calibration: Predictions | None = None
+    #: the accuracy and mean negative log-likelihood of the predictor's scores on the split, as :func:`evaluate` gives
+    #: them (:func:`predict` sets both, from the same forward passes)
+    accuracy: float | None = None
+    loss: float | None = None
 
     @property
     def probs(self) -> Tensor:
@@ -107,22 +111,28 @@ def evaluate(predictor: nn.Module, split: BatchSource, batch_size: int, device: 
     correct, loss_sum = 0, 0.0
     for x, y, _ in split.batches(batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
-        scores = predictor(x)
-        loss_sum += F.cross_entropy(scores, y, reduction="sum").item()
-        correct += (scores.argmax(1) == y).sum().item()
+        right, loss = scored(predictor(x), y)
+        correct, loss_sum = correct + right, loss_sum + loss
     predictor.train(was_training)
     n = max(1, len(split))
     return correct / n, loss_sum / n
+
+
+def scored(scores: Tensor, y: Tensor) -> tuple[int, float]:
+    """A batch's correct predictions and summed cross-entropy."""
+    return int((scores.argmax(1) == y).sum().item()), F.cross_entropy(scores, y, reduction="sum").item()
 
 
 @torch.no_grad()
 def predict(predictor: nn.Module, split: BatchSource, batch_size: int, device: torch.device) -> Predictions:
     """``predictor``'s predictions over every row of ``split``, in order: its log predictive distribution, and each
     member's when it has several (``predictor.outputs(x) -> (scores, member log-probabilities)``); the split's known
-    class probabilities when it has them (``split.true_probs``)."""
+    class probabilities when it has them (``split.true_probs``); and its accuracy and loss, as :func:`evaluate` gives
+    them."""
     was_training = predictor.training
     predictor.eval()
     log_probs, members, labels = [], [], []
+    correct, loss_sum = 0, 0.0
     with_members = hasattr(predictor, "outputs")
     for x, y, _ in split.batches(batch_size, shuffle=False):
         x = x.to(device)
@@ -131,11 +141,14 @@ def predict(predictor: nn.Module, split: BatchSource, batch_size: int, device: t
             members.append(member_log_probs.cpu())
         else:
             scores = predictor(x)
+        right, loss = scored(scores, y.to(device))
+        correct, loss_sum = correct + right, loss_sum + loss
         log_probs.append(F.log_softmax(scores, -1).cpu())
         labels.append(y)
     predictor.train(was_training)
+    n = max(1, len(split))
     return Predictions(torch.cat(log_probs), torch.cat(labels), torch.cat(members, 1) if members else None,
-                       getattr(split, "true_probs", None))
+                       getattr(split, "true_probs", None), accuracy=correct / n, loss=loss_sum / n)
 
 
 def test_metrics(predictions: Predictions, options: EvaluationConfig | None = None,
@@ -184,6 +197,14 @@ class FinalPredictions:
     test: Predictions
     shifted: dict[str, Predictions] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)
+
+    def split_scores(self) -> dict[str, float]:
+        """``val_acc``, ``val_loss``, ``test_acc``, ``test_loss``: the predictor's accuracy and mean negative
+        log-likelihood on the validation and test splits, as :func:`evaluate` gives them, from the forward passes
+        that made these predictions."""
+        val = self.test.calibration
+        return {"val_acc": val.accuracy, "val_loss": val.loss, "test_acc": self.test.accuracy,
+                "test_loss": self.test.loss}
 
 
 def predict_final(predictor: nn.Module, splits: Any, batch_size: int, device: torch.device,

@@ -248,9 +248,8 @@ def train_stage(spec: StageSpec, env: StageEnv) -> dict[str, Any]:
     tested = {}
     if spec.read_test:
         with phases.timed("test"):
-            acc, loss = evaluate(predictor, splits.test, cfg.eval_batch_size, env.device)
             predicted = predict_final(predictor, splits, cfg.eval_batch_size, env.device, spec.evaluation)
-            tested = {"test_acc": acc, "test_loss": loss,
+            tested = {"test_acc": predicted.test.accuracy, "test_loss": predicted.test.loss,
                       **(measure(predicted, spec.evaluation) if env.measure_test else {"final_predictions": predicted})}
     return {
         **tested,

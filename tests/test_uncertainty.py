@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpmkd.data import load_dataset
-from hpmkd.evaluation import SHIFTS, EvaluationConfig, Predictions, final_test_metrics
+from hpmkd.evaluation import SHIFTS, EvaluationConfig, Predictions, evaluate, final_test_metrics, predict_final
 from hpmkd.evaluation import test_metrics as metrics_of
 from hpmkd.predictors import Ensemble, SingleModel, WeightSamples
 from hpmkd.uncertainty import conformal_threshold, credible_intervals, prediction_sets, uncertainty
@@ -182,6 +182,20 @@ def test_temperature_scaling_recovers_the_temperature_of_overconfident_scores():
     scaled = TemperatureScaled(SingleModel(net), 2.0)
     x = torch.randn(3, 4)
     torch.testing.assert_close(F.softmax(scaled(x), -1), F.softmax(net(x) / 2.0, -1))
+
+
+def test_predictions_carry_the_accuracy_and_loss_that_evaluate_gives():
+    """A final stage reads each split once: the predictions' accuracy and loss are evaluate's, to the bit, for one
+    network and for predictors of several members."""
+    splits = load_dataset("digits")
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(64, 10)) for _ in range(3)]
+    for predictor in (SingleModel(members[0]), Ensemble(members),
+                      WeightSamples(members[0], [m.state_dict() for m in members])):
+        predicted = predict_final(predictor, splits, 100, torch.device("cpu"), EvaluationConfig(shifts={}))
+        assert (predicted.test.accuracy, predicted.test.loss) == evaluate(predictor, splits.test, 100,
+                                                                          torch.device("cpu"))
+        assert predicted.split_scores()["val_loss"] == evaluate(predictor, splits.val, 100, torch.device("cpu"))[1]
 
 
 def test_posterior_outputs_of_a_weight_sample_predictor():

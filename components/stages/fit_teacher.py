@@ -27,7 +27,7 @@ from hpmkd.components.stage_params import FitTeacher
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun
 from hpmkd.estimator_teacher import EstimatorPredictor, EstimatorTeacher, FittedEstimator
 from hpmkd.estimators import estimator_size, file_name, load_estimator, predict_log_proba, save_estimator
-from hpmkd.evaluation import evaluate, final_test_metrics
+from hpmkd.evaluation import measure, predict_final
 from hpmkd.oof import FoldOutputs, fit_teacher
 
 #: the stored out-of-fold outputs' file name
@@ -77,12 +77,10 @@ class FitTeacherKind(StageKind):
             leak.update(training_fit(FoldOutputs.load(outputs).log_probs, y, "oof"))
         predictor = EstimatorPredictor(EstimatorTeacher(FittedEstimator(name, estimator), threads))
         batch, cpu = ctx.cfg.train.eval_batch_size, torch.device("cpu")
-        val_acc, val_loss = evaluate(predictor, splits.val, batch, cpu)
-        test_acc, test_loss = evaluate(predictor, splits.test, batch, cpu)
+        predicted = predict_final(predictor, splits, batch, cpu, ctx.cfg.evaluation)
         size = estimator_size(estimator, path)
-        metrics = {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss,
-                   "params": float(size), "fit_s": fit_s, **leak,
-                   **final_test_metrics(predictor, splits, batch, cpu, ctx.cfg.evaluation)}
+        metrics = {**predicted.split_scores(), "params": float(size), "fit_s": fit_s, **leak,
+                   **measure(predicted, ctx.cfg.evaluation)}
         artifact = ModelArtifact(params.teacher, params.model, str(path), checkpoint.file_digest(path), size,
                                  {k: metrics[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")},
                                  str(outputs) if stored else None)

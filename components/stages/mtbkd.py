@@ -22,7 +22,7 @@ from hpmkd.components.graph import ModelArtifact, Stage, StageOutcome, StageResu
 from hpmkd.components.stages.base import STAGE_KINDS, ExperimentContext, StageKind, StageRun
 from hpmkd.components.stages.distill import distill_setup
 from hpmkd.components.stages.train import record_model, selected, train_and_record
-from hpmkd.evaluation import evaluate, final_test_metrics, predict
+from hpmkd.evaluation import measure, predict_final
 from hpmkd.pipelines.mtbkd import PoolPredictors, PosteriorChain
 from hpmkd.posterior import POSTERIOR, PREDICTOR_KINDS, PosteriorSamples, validation_summary
 from hpmkd.predictors import PREDICTOR_KEY, SingleModel, predictor_from_payload, predictor_kind, read_predictor_payload
@@ -61,14 +61,14 @@ class PoolKind(StageKind):
         predictor = predictor_from_payload(params.model, ctx.splits.shape, payload)
         cpu, batch = torch.device("cpu"), ctx.cfg.train.eval_batch_size
         chains = len(groups) if len({len(g) for g in groups}) == 1 and len(groups[0]) > 1 else 1
-        found = validation_summary(predict(predictor, ctx.splits.val, batch, cpu), chains)
+        predicted = predict_final(predictor, ctx.splits, batch, cpu, ctx.cfg.evaluation)
+        found = validation_summary(predicted.test.calibration, chains)
         if chains == 1:  # single models, or chains of unequal length: no R-hat across them
             found.pop("val_loglik_rhat")
-        test_acc, test_loss = evaluate(predictor, ctx.splits.test, batch, cpu)
-        metrics = {**found, "test_acc": test_acc, "test_loss": test_loss,
+        metrics = {**found, "test_acc": predicted.test.accuracy, "test_loss": predicted.test.loss,
                    "params": float(params.model.count_params(ctx.splits.shape)),
                    "pooled_members": float(len(payload["members"])),
-                   **final_test_metrics(predictor, ctx.splits, batch, cpu, ctx.cfg.evaluation)}
+                   **measure(predicted, ctx.cfg.evaluation)}
         record_model(ctx, run, params.model, path, None, as_mlflow_model=ctx.cfg.mlflow.log_models)
         artifact = ModelArtifact(stage.name, params.model, str(path), checkpoint.file_digest(path),
                                  int(metrics["params"]), selected(metrics))

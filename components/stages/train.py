@@ -22,7 +22,7 @@ from hpmkd.components.table_model import log_table_model
 from hpmkd.components.tracking import warm_model_export
 from hpmkd.models.ref import ModelRef
 from hpmkd.predictors import SingleModel, load_predictor
-from hpmkd.evaluation import evaluate, final_test_metrics
+from hpmkd.evaluation import measure, predict_final
 from hpmkd.training import StageSpec
 
 
@@ -114,13 +114,12 @@ class LoadTeacherKind(StageKind):
         params: LoadTeacher = stage.params
         predictor = load_predictor(params.checkpoint, params.model, ctx.splits.shape)
         batch = ctx.cfg.train.eval_batch_size
-        val_acc, val_loss = evaluate(predictor, ctx.splits.val, batch, torch.device("cpu"))
-        test_acc, test_loss = evaluate(predictor, ctx.splits.test, batch, torch.device("cpu"))
+        predicted = predict_final(predictor, ctx.splits, batch, torch.device("cpu"), ctx.cfg.evaluation)
+        scores = predicted.split_scores()
         size = params.model.count_params(ctx.splits.shape)
         ctx.tracker.log_artifact(run.run_id, params.checkpoint, "checkpoint")
-        metrics = {"val_acc": val_acc, "test_acc": test_acc, "params": float(size),
-                   **final_test_metrics(predictor, ctx.splits, batch, torch.device("cpu"), ctx.cfg.evaluation)}
+        metrics = {"val_acc": scores["val_acc"], "test_acc": scores["test_acc"], "params": float(size),
+                   **measure(predicted, ctx.cfg.evaluation)}
         path = str(Path(params.checkpoint).resolve())
-        artifact = ModelArtifact(params.teacher, params.model, path, checkpoint.file_digest(path), size,
-                                 {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss})
+        artifact = ModelArtifact(params.teacher, params.model, path, checkpoint.file_digest(path), size, scores)
         return StageOutcome(metrics, artifact)
