@@ -38,6 +38,7 @@ MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 MAX_BATCH = 100
 EXPORT_LOCK = threading.Lock()
 _WARMING: list[threading.Thread] = []  # the warm-up thread of :func:`warm_model_export`, once started
+_WARMING_LOCK = threading.Lock()  # not EXPORT_LOCK: a stage starting must not wait for another stage's export
 
 
 def warm_model_export() -> None:
@@ -49,7 +50,7 @@ def warm_model_export() -> None:
     folder meanwhile, on a core the driver otherwise leaves idle, under :data:`EXPORT_LOCK` (``torch.export`` is
     not thread-safe).
     """
-    with EXPORT_LOCK:
+    with _WARMING_LOCK:
         if _WARMING:
             return
         _WARMING.append(threading.Thread(target=_save_a_one_layer_model, name="hpmkd-warm-export", daemon=True))

@@ -313,8 +313,8 @@ def test_tune_trials_are_shown_as_rows_of_their_stage(ray_session, tmp_path):
 
 
 def test_the_model_export_warm_up_runs_once_and_the_export_after_it_loads(tmp_path):
-    """The warm-up thread is started once per process, holds the export lock while it works, and leaves a real
-    export working (the model it logs loads and predicts as the network does)."""
+    """The warm-up thread is started once per process, ends, and leaves a real export working (the model it logs
+    loads and predicts as the network does)."""
     import mlflow
     import torch
 
